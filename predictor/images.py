@@ -1,0 +1,133 @@
+"""Turn untrusted bytes into an RGB image the model can take, or a 400 that says why not.
+
+Why one module: every protocol (OIP v2 over REST JSON, REST binary, gRPC, and the OpenAI route)
+sends images differently but must accept and refuse exactly the same ones. All checks happen
+here, before anything touches the processor or the model:
+
+- size: empty or larger than `max_image_bytes`;
+- encoding: strict base64 (`validate=True`), `data:image/...;base64,` URLs;
+- format: JPEG, PNG, WebP, GIF (first frame), BMP and TIFF only, whatever the bytes claim;
+- decompression bombs: the header's width x height is checked before any pixel is decoded;
+- truncated or corrupt files: decoding is forced here, so the error is ours, not the model's;
+- orientation and colour: EXIF rotation applied, alpha flattened on white, RGB out.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+from qwen_vl_utils import smart_resize
+
+from predictor.errors import InvalidRequest
+
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+MAX_ASPECT_RATIO = 200  # Qwen-VL's processors refuse images more elongated than this.
+_DATA_URL = re.compile(r"^data:image/[A-Za-z0-9.+-]+;base64,", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What one image may cost the server before it is decoded."""
+
+    max_bytes: int
+    max_decoded_pixels: int
+
+
+@dataclass(frozen=True)
+class PixelBudget:
+    """The model-input pixel range of one image, as Qwen-VL's `min_pixels`/`max_pixels`."""
+
+    min_pixels: int
+    max_pixels: int
+
+
+def decode_base64(text: str, field: str) -> bytes:
+    """Strict base64 (or a base64 data URL) to bytes; anything else is the client's error."""
+    payload = _DATA_URL.sub("", text.strip(), count=1)
+    if payload.startswith("data:"):
+        raise InvalidRequest(field, "only base64 image data URLs are accepted")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidRequest(field, f"is not valid base64 ({exc})") from None
+
+
+def load_image(data: bytes, limits: ImageLimits, field: str) -> Image.Image:
+    """Decode encoded image bytes into an RGB image, refusing anything unsafe or broken."""
+    if not data:
+        raise InvalidRequest(field, "is empty")
+    if len(data) > limits.max_bytes:
+        raise InvalidRequest(
+            field, f"is {len(data)} bytes, more than the limit of {limits.max_bytes} bytes"
+        )
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between its bomb limit and twice that; treat both as errors.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+            _check_dimensions(image.size, limits, field)
+            image.seek(0)  # animated GIF/WebP/TIFF: describe the first frame
+            image.load()
+            return to_rgb(ImageOps.exif_transpose(image))
+    except InvalidRequest:
+        raise
+    except UnidentifiedImageError:
+        raise InvalidRequest(
+            field, f"is not an image in a supported format ({', '.join(ALLOWED_FORMATS)})"
+        ) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InvalidRequest(field, f"is too large to decode safely ({exc})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise InvalidRequest(field, f"could not be decoded: truncated or corrupt ({exc})") from None
+
+
+def _check_dimensions(size: tuple[int, int], limits: ImageLimits, field: str) -> None:
+    width, height = size
+    if width < 1 or height < 1:
+        raise InvalidRequest(field, f"has zero size ({width}x{height})")
+    if width * height > limits.max_decoded_pixels:
+        raise InvalidRequest(
+            field,
+            f"is {width}x{height} = {width * height} pixels, more than the limit of "
+            f"{limits.max_decoded_pixels} (decompression-bomb guard)",
+        )
+    if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+        raise InvalidRequest(
+            field, f"aspect ratio {width}x{height} is more elongated than 1:{MAX_ASPECT_RATIO}"
+        )
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB with any transparency flattened on white (how a viewer shows a transparent image)."""
+    if image.mode == "RGB":
+        return image
+    has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+    if not has_alpha:
+        return image.convert("RGB")
+    rgba = image.convert("RGBA")
+    background = Image.new("RGB", rgba.size, (255, 255, 255))
+    background.paste(rgba, mask=rgba.getchannel("A"))
+    return background
+
+
+def target_size(width: int, height: int, budget: PixelBudget, factor: int) -> tuple[int, int]:
+    """The (width, height) Qwen-VL's processor would resize to: multiples of `factor`
+    (patch size x merge size) with width x height inside the budget, aspect ratio kept."""
+    new_height, new_width = smart_resize(
+        height, width, factor=factor, min_pixels=budget.min_pixels, max_pixels=budget.max_pixels
+    )
+    return new_width, new_height
+
+
+def fit_to_budget(image: Image.Image, budget: PixelBudget, factor: int) -> Image.Image:
+    """Resize once to the processor's target size, so the processor has nothing left to do."""
+    size = target_size(image.width, image.height, budget, factor)
+    if size == image.size:
+        return image
+    return image.resize(size, Image.Resampling.BICUBIC)

@@ -1,0 +1,141 @@
+"""Load a Qwen-VL checkpoint the same way whether it is a real one or the tiny test model.
+
+Why the checks up front: a model server that dies deep inside transformers with a stack trace
+is hard to operate. Missing checkpoints, unsupported architectures, 4/8-bit without
+bitsandbytes or without CUDA are reported as one `StartupError` line before anything loads.
+Safetensors only and `trust_remote_code=False`: a checkpoint cannot run code on the server.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from predictor.errors import StartupError
+from predictor.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the weights come from: a local directory, or a hub id and revision."""
+
+    path_or_id: str
+    revision: str | None = None
+
+
+def resolve_source(settings: Settings) -> ModelSource:
+    if settings.model_id:
+        return ModelSource(settings.model_id, settings.model_revision)
+    path = Path(settings.model_dir)
+    if not (path / "config.json").is_file():
+        raise StartupError(
+            f"no checkpoint at --model_dir {path}: config.json not found "
+            "(set storageUri on the InferenceService, or pass --model_id)"
+        )
+    if not any(path.glob("*.safetensors")):
+        raise StartupError(f"no *.safetensors weights in {path}; only safetensors are loaded")
+    return ModelSource(str(path))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if name == "cuda":
+        raise StartupError("--device cuda was asked for, but no CUDA device is visible")
+    return torch.device("cpu")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+def quantization_config(mode: str, device: torch.device, dtype: torch.dtype) -> Any | None:
+    """A bitsandbytes config for 4/8-bit, or None; refuses where it cannot work."""
+    if mode == "none":
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise StartupError(
+            f"--quantization {mode} needs bitsandbytes: pip install 'qwen-vl-predictor[quant]'"
+        )
+    if device.type != "cuda":
+        raise StartupError(f"--quantization {mode} needs a CUDA device; this one is {device}")
+    from transformers import BitsAndBytesConfig
+
+    if mode == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=True,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def check_architecture(source: ModelSource) -> str:
+    """The checkpoint's model_type, if it is a Qwen-VL family this server knows."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(
+        source.path_or_id, revision=source.revision, trust_remote_code=False
+    )
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise StartupError(
+            f"{source.path_or_id} is a {config.model_type!r} model; "
+            f"this server serves {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    return config.model_type
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    processor: Any
+    model_type: str
+    device: torch.device
+    dtype: torch.dtype
+
+
+def load_model(settings: Settings) -> LoadedModel:
+    """Processor and model, on the chosen device and dtype, in eval mode."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    source = resolve_source(settings)
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    quantization = quantization_config(settings.quantization, device, dtype)
+    model_type = check_architecture(source)
+    logger.info(
+        "loading %s (%s) on %s as %s, quantization %s",
+        source.path_or_id,
+        model_type,
+        device,
+        dtype,
+        settings.quantization,
+    )
+    common = {"revision": source.revision, "trust_remote_code": False}
+    processor = AutoProcessor.from_pretrained(source.path_or_id, **common)
+    options: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, **common}
+    if settings.attn_implementation:
+        options["attn_implementation"] = settings.attn_implementation
+    if quantization is not None:
+        options["quantization_config"] = quantization
+        options["device_map"] = {"": device.index or 0}
+    model = AutoModelForImageTextToText.from_pretrained(source.path_or_id, **options)
+    if quantization is None:
+        model = model.to(device)
+    model.eval()
+    return LoadedModel(model, processor, model_type, device, dtype)

@@ -1,0 +1,204 @@
+"""The `kserve.Model` that describes images: load, preprocess, predict, postprocess.
+
+Thin by design: parsing lives in `protocol`, image checks in `images`, generation in
+`generation`. This class only wires them to KServe's request path and keeps blocking work off
+the event loop: images are decoded on KServe's thread pool, and generation runs on one
+dedicated thread that owns the model, so health checks and metrics answer while it works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from kserve import Model
+from kserve.errors import InvalidInput
+from kserve.model import InferenceVerb
+from kserve.protocol.infer_type import InferRequest, InferResponse
+
+from predictor import metrics
+from predictor.errors import InvalidRequest
+from predictor.generation import Generator, Row
+from predictor.images import ImageLimits, PixelBudget, fit_to_budget, load_image
+from predictor.loading import load_model
+from predictor.params import RequestLimits
+from predictor.protocol import (
+    INPUT_METADATA,
+    OUTPUT_METADATA,
+    Completion,
+    ParsedRequest,
+    build_infer_response,
+    parse_infer_request,
+)
+from predictor.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedRequest:
+    """A parsed request with its images decoded and resized, ready for the generator."""
+
+    request: InferRequest
+    parsed: ParsedRequest
+    rows: list[Row]
+    decode_ms: int
+
+
+@dataclass
+class DescribedRequest:
+    prepared: PreparedRequest
+    completions: list[Completion]
+    generate_ms: int
+
+
+def _ms(start: float) -> int:
+    return round((time.perf_counter() - start) * 1000)
+
+
+class QwenVLModel(Model):
+    """Describes images with a Qwen-VL checkpoint over the Open Inference Protocol v2."""
+
+    def __init__(self, settings: Settings):
+        super().__init__(settings.model_name)
+        self.settings = settings
+        self.image_limits = ImageLimits(
+            max_bytes=settings.max_image_bytes, max_decoded_pixels=settings.max_decoded_pixels
+        )
+        self.generator: Generator | None = None
+        self.limits: RequestLimits | None = None
+        self._generate_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+
+    def load(self) -> bool:
+        """Load the checkpoint, run the warm-up generation, and only then report ready."""
+        started = time.perf_counter()
+        loaded = load_model(self.settings)
+        self.generator = Generator(loaded.model, loaded.processor)
+        self.limits = self._request_limits(self.generator.default_budget)
+        if self.settings.warmup:
+            self.generator.warm_up()
+        self.ready = True
+        logger.info("model %s ready in %d ms", self.name, _ms(started))
+        return self.ready
+
+    def _request_limits(self, checkpoint_budget: PixelBudget) -> RequestLimits:
+        cap = self.settings.max_pixels_limit
+        default = PixelBudget(
+            min_pixels=min(checkpoint_budget.min_pixels, cap),
+            max_pixels=min(checkpoint_budget.max_pixels, cap),
+        )
+        return RequestLimits(
+            max_new_tokens=self.settings.max_new_tokens,
+            max_new_tokens_limit=self.settings.max_new_tokens_limit,
+            default_budget=default,
+            max_pixels_limit=cap,
+            max_images_per_request=self.settings.max_images_per_request,
+        )
+
+    def stop(self) -> None:
+        self._generate_thread.shutdown(wait=False, cancel_futures=True)
+        super().stop()
+
+    def get_input_types(self) -> list[dict[str, Any]]:
+        return INPUT_METADATA
+
+    def get_output_types(self) -> list[dict[str, Any]]:
+        return OUTPUT_METADATA
+
+    async def __call__(
+        self,
+        body: Any,
+        headers: dict[str, str] | None = None,
+        verb: InferenceVerb = InferenceVerb.PREDICT,
+    ) -> Any:
+        """KServe's request path, counted by outcome."""
+        try:
+            result = await super().__call__(body, headers=headers, verb=verb)
+        except InvalidInput:
+            metrics.REQUESTS.labels(self.name, "invalid").inc()
+            raise
+        except Exception:
+            metrics.REQUESTS.labels(self.name, "error").inc()
+            logger.exception("request failed on model %s", self.name)
+            raise
+        metrics.REQUESTS.labels(self.name, "success").inc()
+        return result
+
+    def validate(self, payload: Any) -> Any:
+        # KServe's default looks for an "inputs" key in dict payloads; ours is already checked.
+        return payload
+
+    async def preprocess(
+        self, payload: Any, headers: dict[str, str] | None = None
+    ) -> PreparedRequest:
+        if not isinstance(payload, InferRequest):
+            raise InvalidRequest(
+                "request", "this model speaks the v2 protocol: POST /v2/models/{name}/infer"
+            )
+        assert self.limits is not None, "preprocess before load"
+        parsed = parse_infer_request(payload, self.limits, self.settings.default_prompt)
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        rows = await loop.run_in_executor(None, self._decode_rows, parsed)
+        decode_ms = _ms(started)
+        metrics.IMAGE_DECODE_SECONDS.labels(self.name).observe(decode_ms / 1000)
+        return PreparedRequest(payload, parsed, rows, decode_ms)
+
+    def _decode_rows(self, parsed: ParsedRequest) -> list[Row]:
+        assert self.generator is not None
+        factor = self.generator.resize_factor
+        rows = []
+        for index, (data, prompt) in enumerate(zip(parsed.images, parsed.prompts, strict=True)):
+            image = load_image(data, self.image_limits, f"image[{index}]")
+            try:
+                image = fit_to_budget(image, parsed.budget, factor)
+            except ValueError as exc:
+                raise InvalidRequest(f"image[{index}]", str(exc)) from None
+            rows.append(Row(image=image, prompt=prompt, sampling=parsed.sampling))
+        return rows
+
+    async def predict(
+        self,
+        payload: PreparedRequest,
+        headers: dict[str, str] | None = None,
+        response_headers: dict[str, str] | None = None,
+    ) -> DescribedRequest:
+        assert self.generator is not None
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        completions = await loop.run_in_executor(
+            self._generate_thread, self.generator.describe, payload.rows
+        )
+        generate_ms = _ms(started)
+        metrics.GENERATION_SECONDS.labels(self.name).observe(generate_ms / 1000)
+        metrics.IMAGES.labels(self.name).inc(len(completions))
+        metrics.GENERATED_TOKENS.labels(self.name).inc(sum(c.generated_tokens for c in completions))
+        metrics.PROMPT_TOKENS.labels(self.name).inc(sum(c.prompt_tokens for c in completions))
+        logger.info(
+            "request %s: %d images, %d tokens, decode %d ms, generate %d ms",
+            payload.parsed.request_id,
+            len(completions),
+            sum(c.generated_tokens for c in completions),
+            payload.decode_ms,
+            generate_ms,
+        )
+        return DescribedRequest(payload, completions, generate_ms)
+
+    async def postprocess(
+        self,
+        result: DescribedRequest,
+        headers: dict[str, str] | None = None,
+        response_headers: dict[str, str] | None = None,
+    ) -> InferResponse:
+        prepared = result.prepared
+        return build_infer_response(
+            prepared.request,
+            prepared.parsed.request_id,
+            self.name,
+            result.completions,
+            timings={"decode_ms": prepared.decode_ms, "generate_ms": result.generate_ms},
+        )

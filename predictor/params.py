@@ -1,0 +1,117 @@
+"""Generation parameters of a request: names, types, ranges and server-side limits.
+
+Why a module of its own: OIP v2 request parameters and (later) OpenAI body fields carry the same
+knobs; both are checked here so a value refused on one route is refused on the other, with a
+message that names the parameter.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from predictor.errors import InvalidRequest
+from predictor.images import PixelBudget
+
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to generate one description. temperature 0 means greedy decoding."""
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Server flags that bound what a request may ask for, plus the defaults it gets."""
+
+    max_new_tokens: int
+    max_new_tokens_limit: int
+    default_budget: PixelBudget
+    max_pixels_limit: int
+    max_images_per_request: int
+
+
+GENERATION_PARAMETERS = (
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "seed",
+    "min_pixels",
+    "max_pixels",
+)
+
+
+def _int(params: Mapping[str, Any], name: str, lo: int, hi: int) -> int | None:
+    value = params.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest(name, f"must be an integer, got {type(value).__name__} {value!r}")
+    if not lo <= value <= hi:
+        raise InvalidRequest(name, f"must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def _float(
+    params: Mapping[str, Any], name: str, lo: float, hi: float, *, lo_open: bool = False
+) -> float | None:
+    value = params.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidRequest(name, f"must be a number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    below = value <= lo if lo_open else value < lo
+    if math.isnan(value) or below or value > hi:
+        bracket = "(" if lo_open else "["
+        raise InvalidRequest(name, f"must be in {bracket}{lo}, {hi}], got {value}")
+    return value
+
+
+def parse_generation_params(
+    params: Mapping[str, Any], limits: RequestLimits
+) -> tuple[SamplingParams, PixelBudget]:
+    """Validate the generation parameters in `params` (other keys are the caller's business)."""
+    max_new_tokens = _int(params, "max_new_tokens", 1, limits.max_new_tokens_limit)
+    sampling = SamplingParams(
+        max_new_tokens=max_new_tokens or limits.max_new_tokens,
+        temperature=_float(params, "temperature", 0.0, 2.0) or 0.0,
+        top_p=_float(params, "top_p", 0.0, 1.0, lo_open=True) or 1.0,
+        top_k=_int(params, "top_k", 0, 1_000_000) or 0,
+        repetition_penalty=_float(params, "repetition_penalty", 0.0, 10.0, lo_open=True) or 1.0,
+        seed=_int(params, "seed", 0, MAX_SEED),
+    )
+    return sampling, _pixel_budget(params, limits)
+
+
+def _pixel_budget(params: Mapping[str, Any], limits: RequestLimits) -> PixelBudget:
+    default = limits.default_budget
+    max_pixels = _int(params, "max_pixels", 1, limits.max_pixels_limit)
+    min_pixels = _int(params, "min_pixels", 1, limits.max_pixels_limit)
+    budget = PixelBudget(
+        min_pixels=min_pixels if min_pixels is not None else default.min_pixels,
+        max_pixels=max_pixels if max_pixels is not None else default.max_pixels,
+    )
+    if budget.min_pixels > budget.max_pixels:
+        field = "min_pixels" if min_pixels is not None else "max_pixels"
+        raise InvalidRequest(
+            field,
+            f"min_pixels ({budget.min_pixels}) must not exceed max_pixels ({budget.max_pixels})",
+        )
+    return budget

@@ -1,0 +1,96 @@
+"""`python -m predictor` / `qwen-vl-predictor`: parse flags, load the model, serve it.
+
+Order matters: the model loads and warms up before the server starts listening, so that
+`/v2/models/{name}/ready` can never say ready before the first real generation could run.
+(A Kubernetes startup probe covers the load time.)
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+
+from predictor.errors import StartupError
+from predictor.settings import Settings, build_parser
+
+logger = logging.getLogger("predictor")
+
+# gRPC messages carry every image of a request; allow that plus room for prompts and framing.
+GRPC_MESSAGE_SLACK = 1024 * 1024
+GRPC_MAX_MESSAGE = 2**31 - 1
+
+
+def request_bytes_limit(settings: Settings) -> int:
+    """The largest request body that can be valid: every image at its byte limit, base64."""
+    return min(
+        GRPC_MAX_MESSAGE,
+        settings.max_images_per_request * settings.max_image_bytes * 4 // 3 + GRPC_MESSAGE_SLACK,
+    )
+
+
+def raise_grpc_message_limits(kserve_args: object, settings: Settings) -> None:
+    """KServe reads its gRPC limits from its import-time args; raise them to fit our images.
+
+    Its default (8 MiB) would refuse a single large photo before the predictor could say why.
+    """
+    needed = request_bytes_limit(settings)
+    for name in ("grpc_max_receive_message_length", "grpc_max_send_message_length"):
+        current = getattr(kserve_args, name, 0) or 0
+        setattr(kserve_args, name, max(current, needed))
+
+
+def _configure_logging() -> None:
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    # Imported here: KServe parses sys.argv when its model_server module is imported.
+    from kserve import ModelServer
+    from kserve import model_server as kserve_server
+
+    from predictor.model import QwenVLModel
+    from predictor.rest import register_infer_routes
+
+    parser = build_parser(parents=[kserve_server.parser])
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.workers != 1:
+        parser.error("--workers must be 1: one process owns the model and its device")
+    _configure_logging()
+    raise_grpc_message_limits(kserve_server.args, settings)
+
+    model = QwenVLModel(settings)
+    try:
+        model.load()
+    except StartupError as exc:
+        logger.error("cannot start: %s", exc)
+        sys.exit(2)
+
+    server = ModelServer(
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        workers=1,
+        max_threads=args.max_threads,
+        max_asyncio_workers=args.max_asyncio_workers,
+        enable_grpc=args.enable_grpc,
+        enable_docs_url=args.enable_docs_url,
+        enable_latency_logging=args.enable_latency_logging,
+        access_log_format=args.access_log_format,
+        event_loop=args.event_loop,
+        timeout_keep_alive=args.timeout_keep_alive,
+    )
+    register_infer_routes(kserve_server.app, server.dataplane, request_bytes_limit(settings))
+    server.start([model])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""Every setting of the predictor, documented in one place.
+
+Each flag can also come from an environment variable named `QWEN_VL_` + the flag in upper case
+(`--max_new_tokens_limit` ← `QWEN_VL_MAX_NEW_TOKENS_LIMIT`); a flag on the command line wins.
+That lets a Kubernetes manifest set limits with `env:` without rewriting the container args.
+KServe's own flags (`--http_port`, `--grpc_port`, `--model_name`, ...) come from its parser,
+which this one extends, as KServe recommends for custom model servers.
+
+Nothing here runs at import: `build_parser()` and `Settings.from_args()` are called by `main()`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+ENV_PREFIX = "QWEN_VL_"
+DEFAULT_MODEL_NAME = "qwen-vl"
+DEFAULT_PROMPT = "Describe this image."
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+DEVICES = ("auto", "cuda", "cpu")
+QUANTIZATIONS = ("none", "4bit", "8bit")
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the predictor needs from the command line, after validation."""
+
+    model_name: str = DEFAULT_MODEL_NAME
+    model_dir: str = "/mnt/models"
+    model_id: str | None = None
+    model_revision: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    quantization: str = "none"
+    attn_implementation: str | None = None
+    default_prompt: str = DEFAULT_PROMPT
+    max_new_tokens: int = 128
+    max_new_tokens_limit: int = 1024
+    max_pixels_limit: int = 4 * 1024 * 1024
+    max_images_per_request: int = 16
+    max_image_bytes: int = 20 * MIB
+    max_decoded_pixels: int = 50_000_000
+    warmup: bool = True
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Settings:
+        """Pick this class's fields out of a parsed namespace and check they agree."""
+        values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Refuse settings that would let a request through that the limits meant to stop."""
+        positive = (
+            "max_new_tokens",
+            "max_new_tokens_limit",
+            "max_pixels_limit",
+            "max_images_per_request",
+            "max_image_bytes",
+            "max_decoded_pixels",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1")
+        if self.max_new_tokens > self.max_new_tokens_limit:
+            raise ValueError("--max_new_tokens must not exceed --max_new_tokens_limit")
+        if not self.model_name:
+            raise ValueError("--model_name must not be empty")
+
+
+def _env(name: str, default: Any, convert: Callable[[str], Any] = str) -> Any:
+    """The default of a flag: its QWEN_VL_ environment variable if set, else `default`."""
+    raw = os.environ.get(ENV_PREFIX + name.upper())
+    return default if raw is None else convert(raw)
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _optional(text: str) -> str | None:
+    return text or None
+
+
+def build_parser(parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.ArgumentParser:
+    """The predictor's argument parser, extending `parents` (KServe's parser in `main()`)."""
+    d = Settings()
+    parser = argparse.ArgumentParser(
+        prog="qwen-vl-predictor",
+        description="Describe images with a Qwen vision-language model behind KServe.",
+        parents=list(parents),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    # KServe's parser names the model "model"; ours is a product with its own default name.
+    parser.set_defaults(model_name=_env("model_name", d.model_name))
+
+    source = parser.add_argument_group("model source")
+    source.add_argument(
+        "--model_dir",
+        default=_env("model_dir", d.model_dir),
+        help="checkpoint directory; KServe's storage initializer puts storageUri here",
+    )
+    source.add_argument(
+        "--model_id",
+        default=_env("model_id", d.model_id, _optional),
+        type=_optional,
+        help="hub id to download instead of --model_dir (needs network access)",
+    )
+    source.add_argument(
+        "--model_revision",
+        default=_env("model_revision", d.model_revision, _optional),
+        type=_optional,
+        help="branch, tag or commit of --model_id",
+    )
+
+    runtime = parser.add_argument_group("runtime")
+    runtime.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=_env("dtype", d.dtype),
+        help="weights dtype; auto is bfloat16 on GPU, float32 on CPU",
+    )
+    runtime.add_argument("--device", choices=DEVICES, default=_env("device", d.device))
+    runtime.add_argument(
+        "--quantization",
+        choices=QUANTIZATIONS,
+        default=_env("quantization", d.quantization),
+        help="load weights in 4 or 8 bits with bitsandbytes (CUDA only)",
+    )
+    runtime.add_argument(
+        "--attn_implementation",
+        default=_env("attn_implementation", d.attn_implementation, _optional),
+        type=_optional,
+        help="transformers attention backend (sdpa, eager, flash_attention_2); default: sdpa",
+    )
+    runtime.add_argument(
+        "--warmup",
+        type=_bool,
+        default=_env("warmup", d.warmup, _bool),
+        help="run one generation before reporting ready",
+    )
+
+    requests = parser.add_argument_group("request defaults and limits")
+    requests.add_argument(
+        "--default_prompt",
+        default=_env("default_prompt", d.default_prompt),
+        help="prompt used for images sent without a `prompt` input",
+    )
+    for name, help_text in (
+        ("max_new_tokens", "tokens generated per image when a request does not say"),
+        ("max_new_tokens_limit", "largest max_new_tokens a request may ask for"),
+        ("max_pixels_limit", "largest max_pixels (model input pixels per image) a request may ask"),
+        ("max_images_per_request", "images in one request"),
+        ("max_image_bytes", "encoded bytes of one image"),
+        ("max_decoded_pixels", "width x height of an image before resizing (decompression bombs)"),
+    ):
+        requests.add_argument(
+            f"--{name}", type=int, default=_env(name, getattr(d, name), int), help=help_text
+        )
+    return parser
