@@ -17,6 +17,10 @@ import json
 from pathlib import Path
 
 SEED = 1234
+# Random weights give near-uniform logits, where float noise (padding, batch size) can flip a
+# greedy choice. Scaling the output layer widens the gaps between logits (about 0.3 between the
+# top two) while sampling still varies (the top token has about 20% probability).
+LOGIT_SCALE = 30.0
 # Qwen2-VL and Qwen2.5-VL normalise with CLIP's statistics; Qwen3-VL uses 0.5.
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -230,6 +234,10 @@ def make_tiny_model(out_dir: Path, family: str = "qwen3-vl") -> Path:
     config = build_config(ids, family)
     torch.manual_seed(SEED)
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    if model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr():
+        raise RuntimeError("tiny model must not tie embeddings (lm_head is scaled alone)")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(LOGIT_SCALE)
     model.generation_config = GenerationConfig(
         bos_token_id=ids["<|endoftext|>"],
         eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],

@@ -1,0 +1,95 @@
+"""Start the real model server as a subprocess on free loopback ports, and stop it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+MODEL_NAME = "qwen-vl"
+STARTUP_TIMEOUT_S = 180
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class LiveServer:
+    process: subprocess.Popen
+    http_port: int
+    grpc_port: int
+    log_path: Path
+    startup_s: float
+    model_name: str = MODEL_NAME
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def infer_url(self) -> str:
+        return f"{self.url}/v2/models/{self.model_name}/infer"
+
+    def is_ready(self) -> bool:
+        try:
+            response = httpx.get(f"{self.url}/v2/models/{self.model_name}/ready", timeout=2)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200 and response.json().get("ready") is True
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def start_server(model_dir: Path, log_path: Path, *extra_args: str) -> Iterator[LiveServer]:
+    http_port, grpc_port = free_port(), free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "predictor",
+        "--model_dir",
+        str(model_dir),
+        "--http_port",
+        str(http_port),
+        "--grpc_port",
+        str(grpc_port),
+        *extra_args,
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    started = time.perf_counter()
+    with log_path.open("w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    live = LiveServer(process, http_port, grpc_port, log_path, startup_s=0.0)
+    try:
+        deadline = started + STARTUP_TIMEOUT_S
+        while not live.is_ready():
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited with {process.returncode}:\n{live.log()}")
+            if time.perf_counter() > deadline:
+                raise RuntimeError(f"server not ready in {STARTUP_TIMEOUT_S}s:\n{live.log()}")
+            time.sleep(0.2)
+        live.startup_s = time.perf_counter() - started
+        yield live
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -1,0 +1,102 @@
+"""Image decoding and validation, with no model."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+from PIL import Image
+
+from predictor.errors import InvalidRequest
+from predictor.images import (
+    ImageLimits,
+    PixelBudget,
+    decode_base64,
+    fit_to_budget,
+    load_image,
+    target_size,
+)
+from tests import images
+
+LIMITS = ImageLimits(max_bytes=1_000_000, max_decoded_pixels=4_000_000)
+
+
+@pytest.mark.parametrize("fmt", sorted(images.every_format()))
+def test_every_supported_format_decodes_to_rgb(fmt: str) -> None:
+    image = load_image(images.every_format()[fmt], LIMITS, "image[0]")
+    assert image.mode == "RGB"
+    assert image.width > 0 and image.height > 0
+
+
+def test_animated_gif_uses_first_frame() -> None:
+    image = load_image(images.every_format()["gif"], LIMITS, "image[0]")
+    red, _green, blue = image.getpixel((5, 5))
+    assert red > 200 and blue < 50  # first frame is red, second blue
+
+
+def test_alpha_is_flattened_on_white() -> None:
+    transparent = images.encode(images.solid((10, 10), (0, 0, 0, 0)), "PNG")
+    assert load_image(transparent, LIMITS, "image").getpixel((3, 3)) == (255, 255, 255)
+
+
+def test_exif_orientation_is_applied() -> None:
+    image = load_image(images.exif_rotated_jpeg(), LIMITS, "image")
+    assert image.size == (20, 60)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "is empty"),
+        (b"this is not an image at all", "not an image in a supported format"),
+        (images.truncated_jpeg(), "truncated or corrupt"),
+        (images.png_header_only(5000, 5000), "decompression-bomb guard"),
+        (images.png_header_only(4000, 10), "aspect ratio"),
+        (images.encode(images.solid((8, 8)), "ICO"), "not an image in a supported format"),
+    ],
+    ids=["empty", "not-image", "truncated", "bomb", "aspect", "unsupported-format"],
+)
+def test_bad_images_are_refused_naming_the_field(data: bytes, message: str) -> None:
+    with pytest.raises(InvalidRequest) as error:
+        load_image(data, LIMITS, "image[2]")
+    assert str(error.value).startswith("image[2]: ")
+    assert message in str(error.value)
+
+
+def test_too_many_bytes_is_refused_before_decoding() -> None:
+    with pytest.raises(InvalidRequest, match="more than the limit of 100 bytes"):
+        load_image(images.jpeg(), ImageLimits(max_bytes=100, max_decoded_pixels=10**6), "image")
+
+
+def test_base64_accepts_plain_and_data_urls() -> None:
+    raw = images.jpeg()
+    text = base64.b64encode(raw).decode()
+    assert decode_base64(text, "image") == raw
+    assert decode_base64(f"data:image/jpeg;base64,{text}", "image") == raw
+
+
+@pytest.mark.parametrize(
+    "text", ["not base64!", "data:text/plain;base64,aGk=", "QUJD\x00", "data:image/png,abc"]
+)
+def test_base64_is_strict(text: str) -> None:
+    with pytest.raises(InvalidRequest, match=r"^image\[0\]: "):
+        decode_base64(text, "image[0]")
+
+
+@pytest.mark.parametrize(
+    ("size", "budget", "factor"),
+    [
+        ((4000, 3000), PixelBudget(4096, 262_144), 32),
+        ((10, 10), PixelBudget(4096, 262_144), 32),
+        ((641, 479), PixelBudget(3136, 1_003_520), 28),
+        ((1000, 20), PixelBudget(3136, 200_704), 28),
+    ],
+)
+def test_fit_to_budget_matches_processor_rules(size, budget, factor) -> None:
+    width, height = target_size(*size, budget, factor)
+    assert width % factor == 0 and height % factor == 0
+    assert budget.min_pixels <= width * height <= budget.max_pixels
+    resized = fit_to_budget(Image.new("RGB", size), budget, factor)
+    assert resized.size == (width, height)
+    # Already at its target size: nothing left to change (the processor relies on this).
+    assert target_size(width, height, budget, factor) == (width, height)
