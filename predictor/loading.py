@@ -87,17 +87,17 @@ def quantization_config(mode: str, device: torch.device, dtype: torch.dtype) -> 
 
 def check_architecture(source: ModelSource) -> str:
     """The checkpoint's model_type, if it is a Qwen-VL family this server knows."""
-    from transformers import AutoConfig
+    from transformers import PretrainedConfig
 
-    config = AutoConfig.from_pretrained(
-        source.path_or_id, revision=source.revision, trust_remote_code=False
-    )
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
+    # The raw config dict: instantiating a config of the wrong class can fail in obscure ways.
+    config, _ = PretrainedConfig.get_config_dict(source.path_or_id, revision=source.revision)
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
         raise StartupError(
-            f"{source.path_or_id} is a {config.model_type!r} model; "
+            f"{source.path_or_id} is a {model_type!r} model; "
             f"this server serves {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
-    return config.model_type
+    return model_type
 
 
 @dataclass

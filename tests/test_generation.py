@@ -1,0 +1,129 @@
+"""The tiny models through the predictor's own loading and generation code, exact outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from predictor.generation import Generator, Row
+from predictor.images import fit_to_budget
+from predictor.loading import load_model
+from predictor.params import SamplingParams
+from predictor.settings import Settings
+from tests import images
+
+pytestmark = pytest.mark.slow
+GREEDY = SamplingParams(max_new_tokens=8)
+
+
+@pytest.fixture(scope="module", params=["qwen3-vl", "qwen2.5-vl"])
+def generator(request: pytest.FixtureRequest) -> Generator:
+    fixture = {"qwen3-vl": "tiny_qwen3_vl", "qwen2.5-vl": "tiny_qwen2_5_vl"}[request.param]
+    model_dir: Path = request.getfixturevalue(fixture)
+    loaded = load_model(Settings(model_dir=str(model_dir), device="cpu"))
+    assert loaded.dtype == torch.float32  # dtype auto on CPU
+    return Generator(loaded.model, loaded.processor)
+
+
+def rows_for(generator: Generator, sampling: SamplingParams = GREEDY) -> list[Row]:
+    budget, factor = generator.default_budget, generator.resize_factor
+    pictures = [
+        images.gradient((128, 96)),
+        images.solid((40, 90), (0, 0, 255)),
+        images.gradient((64, 64)),
+    ]
+    prompts = ["Describe this image.", "What colour is it?", "Write one word."]
+    return [
+        Row(fit_to_budget(p, budget, factor), prompt, sampling)
+        for p, prompt in zip(pictures, prompts, strict=True)
+    ]
+
+
+def reference_greedy(generator: Generator, row: Row) -> str:
+    """Plain transformers, the way its model cards show: chat template, processor, generate."""
+    processor, model = generator.processor, generator.model
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": row.prompt}]}
+    ]
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    inputs = processor(text=[text], images=[row.image], return_tensors="pt")
+    with torch.inference_mode():
+        output = model.generate(
+            **inputs, max_new_tokens=row.sampling.max_new_tokens, do_sample=False
+        )
+    new = output[0, inputs["input_ids"].shape[1] :].tolist()
+    stops = generator.stop_token_ids
+    cut = next((i for i, t in enumerate(new) if t in stops), len(new))
+    return processor.tokenizer.decode(new[:cut], skip_special_tokens=True)
+
+
+def test_greedy_matches_plain_transformers_exactly(generator: Generator) -> None:
+    rows = rows_for(generator)
+    for row in rows:
+        (completion,) = generator.describe([row])
+        assert completion.text == reference_greedy(generator, row)
+        assert completion.text.strip()
+        assert completion.generated_tokens == 8 and completion.finish_reason == "length"
+        assert completion.prompt_tokens > 20  # chat template plus image tokens
+
+
+def test_greedy_row_is_the_same_alone_or_in_a_batch(generator: Generator) -> None:
+    rows = rows_for(generator)
+    alone = [generator.describe([row])[0] for row in rows]
+    together = generator.describe(rows)
+    assert together == alone
+    assert len({c.text for c in together}) > 1  # the rows really differ
+
+
+def test_fixed_seed_reproduces_and_other_seed_differs(generator: Generator) -> None:
+    seeded = rows_for(generator, SamplingParams(max_new_tokens=8, temperature=1.0, seed=5))
+    first = generator.describe(seeded)
+    assert generator.describe(seeded) == first
+    other = rows_for(generator, SamplingParams(max_new_tokens=8, temperature=1.0, seed=6))
+    assert [c.text for c in generator.describe(other)] != [c.text for c in first]
+    greedy = generator.describe(rows_for(generator))
+    assert [c.text for c in first] != [c.text for c in greedy]
+
+
+def test_rows_with_different_limits_each_stop_at_their_own(generator: Generator) -> None:
+    rows = rows_for(generator)
+    mixed = [
+        Row(rows[0].image, rows[0].prompt, SamplingParams(max_new_tokens=3)),
+        Row(rows[1].image, rows[1].prompt, SamplingParams(max_new_tokens=6)),
+        Row(rows[2].image, rows[2].prompt, SamplingParams(max_new_tokens=3)),
+    ]
+    completions = generator.describe(mixed)
+    assert [c.generated_tokens for c in completions] == [3, 6, 3]
+    assert completions[1] == generator.describe([mixed[1]])[0]
+
+
+def test_stop_token_ends_a_completion(generator: Generator) -> None:
+    stop = generator.stop_token_ids[0]
+    words = generator.tokenizer.encode("a red car")
+    completion = generator._completion([*words, stop, stop, stop], prompt_tokens=30)
+    assert (completion.text, completion.finish_reason) == ("a red car", "stop")
+    assert completion.generated_tokens == len(words) + 1
+
+
+def test_warm_up_runs(generator: Generator) -> None:
+    generator.warm_up()
+
+
+def test_processor_keeps_the_pre_resized_grid(generator: Generator) -> None:
+    """Images resized by the predictor reach the model at exactly the processor's grid."""
+    image = images.gradient((300, 200))
+    budget, factor = generator.default_budget, generator.resize_factor
+    fast = generator._inputs([Row(fit_to_budget(image, budget, factor), "x", GREEDY)])
+    slow = generator.processor(
+        text=[generator._prompt_text("x")], images=[image], return_tensors="pt"
+    )
+    assert fast["image_grid_thw"].tolist() == slow["image_grid_thw"].tolist()
+
+
+def test_big_image_is_shrunk_to_the_budget(generator: Generator) -> None:
+    big = Image.new("RGB", (2000, 1500))
+    small = fit_to_budget(big, generator.default_budget, generator.resize_factor)
+    assert small.width * small.height <= generator.default_budget.max_pixels
