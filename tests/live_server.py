@@ -75,7 +75,12 @@ def start_server(model_dir: Path, log_path: Path, *extra_args: str) -> Iterator[
     started = time.perf_counter()
     with log_path.open("w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    live = LiveServer(process, http_port, grpc_port, log_path, startup_s=0.0)
+    name = (
+        extra_args[extra_args.index("--model_name") + 1]
+        if "--model_name" in extra_args
+        else MODEL_NAME
+    )
+    live = LiveServer(process, http_port, grpc_port, log_path, startup_s=0.0, model_name=name)
     try:
         deadline = started + STARTUP_TIMEOUT_S
         while not live.is_ready():

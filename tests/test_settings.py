@@ -1,0 +1,99 @@
+"""Flags, their environment variables, and start-up refusals."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from predictor.server import raise_grpc_message_limits, request_bytes_limit
+from predictor.settings import Settings, build_parser
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse(*argv: str) -> Settings:
+    return Settings.from_args(build_parser().parse_args(list(argv)))
+
+
+def test_defaults() -> None:
+    settings = parse()
+    assert settings.model_name == "qwen-vl"
+    assert settings.model_dir == "/mnt/models"
+    assert (settings.dtype, settings.device, settings.quantization) == ("auto", "auto", "none")
+
+
+def test_environment_variables_set_defaults_and_flags_win(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QWEN_VL_MAX_NEW_TOKENS_LIMIT", "300")
+    monkeypatch.setenv("QWEN_VL_DEFAULT_PROMPT", "Caption this.")
+    monkeypatch.setenv("QWEN_VL_MODEL_NAME", "captioner")
+    monkeypatch.setenv("QWEN_VL_WARMUP", "false")
+    settings = parse("--max_new_tokens_limit", "500")
+    assert settings.max_new_tokens_limit == 500
+    assert settings.default_prompt == "Caption this."
+    assert settings.model_name == "captioner"
+    assert settings.warmup is False
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("--max_new_tokens", "0"),
+        ("--max_new_tokens", "2000"),  # above the limit of 1024
+        ("--max_image_bytes", "-1"),
+    ],
+)
+def test_inconsistent_limits_are_refused(argv: tuple[str, ...]) -> None:
+    with pytest.raises(ValueError):
+        parse(*argv)
+
+
+def test_choices_are_enforced() -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--quantization", "2bit"])
+
+
+def test_grpc_limits_are_raised_to_fit_the_largest_request() -> None:
+    settings = Settings(max_images_per_request=4, max_image_bytes=10 * 1024 * 1024)
+    kserve_args = argparse.Namespace(
+        grpc_max_receive_message_length=8 * 1024 * 1024,
+        grpc_max_send_message_length=8 * 1024 * 1024,
+    )
+    raise_grpc_message_limits(kserve_args, settings)
+    assert kserve_args.grpc_max_receive_message_length == request_bytes_limit(settings)
+    assert request_bytes_limit(settings) > 4 * 10 * 1024 * 1024
+
+
+def run_predictor(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "predictor", *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.slow
+def test_missing_model_is_a_one_line_startup_error(tmp_path: Path) -> None:
+    done = run_predictor("--model_dir", str(tmp_path / "missing"), "--http_port", "0")
+    assert done.returncode == 2
+    assert "cannot start: no checkpoint at --model_dir" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_quantization_without_cuda_is_a_startup_error(tiny_qwen3_vl: Path) -> None:
+    done = run_predictor("--model_dir", str(tiny_qwen3_vl), "--quantization", "4bit")
+    assert done.returncode == 2
+    assert "--quantization 4bit needs" in done.stderr
+
+
+@pytest.mark.slow
+def test_more_than_one_worker_is_refused(tiny_qwen3_vl: Path) -> None:
+    done = run_predictor("--model_dir", str(tiny_qwen3_vl), "--workers", "2")
+    assert done.returncode == 2
+    assert "--workers must be 1" in done.stderr
