@@ -131,7 +131,12 @@ def build_parser(parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.Ar
         default=_env("dtype", d.dtype),
         help="weights dtype; auto is bfloat16 on GPU, float32 on CPU",
     )
-    runtime.add_argument("--device", choices=DEVICES, default=_env("device", d.device))
+    runtime.add_argument(
+        "--device",
+        choices=DEVICES,
+        default=_env("device", d.device),
+        help="auto picks CUDA when a device is visible, else the CPU",
+    )
     runtime.add_argument(
         "--quantization",
         choices=QUANTIZATIONS,
@@ -142,7 +147,7 @@ def build_parser(parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.Ar
         "--attn_implementation",
         default=_env("attn_implementation", d.attn_implementation, _optional),
         type=_optional,
-        help="transformers attention backend (sdpa, eager, flash_attention_2); default: sdpa",
+        help="transformers attention backend (sdpa, eager, flash_attention_2); unset: sdpa",
     )
     runtime.add_argument(
         "--warmup",
