@@ -14,4 +14,8 @@ fi
 # torchvision must be the build that matches torch (transformers 5 needs it for Qwen-VL's
 # image processors); installing both in one resolver run keeps them paired.
 "$VENV/bin/python" -m pip install --quiet -e ".[test]" ${EXTRA_PIP_ARGS:-}
-echo "installed: $("$VENV/bin/python" -c 'import torch, transformers, kserve; print("torch", torch.__version__, "transformers", transformers.__version__, "kserve", kserve.__version__)')"
+"$VENV/bin/python" - <<'PY'
+from importlib.metadata import version
+
+print("installed:", ", ".join(f"{p} {version(p)}" for p in ("torch", "transformers", "kserve")))
+PY
