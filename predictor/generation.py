@@ -1,24 +1,28 @@
 """Batched image description with a loaded Qwen-VL model: rows in, completions out.
 
-Why rows are grouped by sampling settings: `generate` takes one `GenerationConfig` per call, so
-rows that share their settings (the common case: every image of one request, or many clients
-using the defaults) run as one left-padded batch, and rows with different settings run as
-separate batches. Greedy rows give the same tokens alone or in a batch (tested in fp32).
+How rows share a `generate` call: `generate` takes one `GenerationConfig`, so rows are grouped
+by their sampling settings (temperature, top_p, top_k, repetition_penalty) and each group runs
+as one left-padded batch. `max_new_tokens` does not split groups: the batch runs to the largest
+limit and a per-row stopping criterion ends each row at its own (a finished row only receives
+padding afterwards, which is cut). The same criterion stops rows whose client went away.
+Rows with a `seed` only share a call with rows of the same request (`group`), so a seeded
+request gives the same text whatever else is running. Greedy rows give the same tokens alone
+or in a batch (tested in fp32).
 
-Not thread-safe: the caller runs one `describe` at a time (the model server does it on one
-worker thread), which is also what keeps `seed` reproducible with torch's global generator.
+Not thread-safe: one caller at a time (the engine's worker thread), which also keeps `seed`
+reproducible with torch's global generator.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from PIL import Image
-from transformers import GenerationConfig
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from predictor.images import PixelBudget, fit_to_budget
 from predictor.params import SamplingParams
@@ -34,13 +38,55 @@ class Row:
     image: Image.Image
     prompt: str
     sampling: SamplingParams
+    group: int = 0  # the request it belongs to; only matters for seeded rows
+
+    @property
+    def batch_key(self) -> tuple:
+        """Rows with equal keys can share one generate call."""
+        s = self.sampling
+        key = (s.temperature, s.top_p, s.top_k, s.repetition_penalty, s.seed)
+        return key if s.seed is None else (*key, self.group)
+
+
+StopCheck = Callable[[], bool]
+
+
+class _RowLimits(StoppingCriteria):
+    """Per-row stop: the row's own max_new_tokens, or its caller asking it to stop."""
+
+    def __init__(
+        self,
+        prompt_length: int,
+        limits: Sequence[int],
+        stop_checks: Sequence[StopCheck | None],
+        on_step: Callable[[], None] | None,
+    ):
+        self.prompt_length = prompt_length
+        self.limits = torch.tensor(limits)
+        self.stop_checks = stop_checks
+        self.on_step = on_step
+
+    def __call__(
+        self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any
+    ) -> torch.Tensor:
+        if self.on_step is not None:
+            self.on_step()
+        generated = input_ids.shape[1] - self.prompt_length
+        done = self.limits.to(input_ids.device) <= generated
+        for index, check in enumerate(self.stop_checks):
+            if check is not None and check():
+                done[index] = True
+        return done
 
 
 class Generator:
     """Owns the model and processor; turns rows into completions."""
 
-    def __init__(self, model: Any, processor: Any):
+    def __init__(self, model: Any, processor: Any, static_cache: bool = False):
         self.model = model
+        # A static KV cache makes decoding shapes fixed, which lets transformers compile the
+        # decoding step with torch.compile on CUDA (its auto-compile for compileable caches).
+        self.static_cache = static_cache
         self.processor = processor
         self.tokenizer = processor.tokenizer
         # Batched generation appends new tokens on the right, so prompts are padded on the left.
@@ -76,15 +122,26 @@ class Generator:
             min_pixels=int(get("shortest_edge")), max_pixels=int(get("longest_edge"))
         )
 
-    def describe(self, rows: Sequence[Row]) -> list[Completion]:
-        """Completions in the order of `rows`; rows with equal sampling share a batch."""
+    def describe(
+        self,
+        rows: Sequence[Row],
+        stop_checks: Sequence[StopCheck | None] | None = None,
+        on_step: Callable[[], None] | None = None,
+    ) -> list[Completion]:
+        """Completions in the order of `rows`.
+
+        `stop_checks[i]()` is polled after every token; True ends row i early (its completion
+        is then meaningless). `on_step` is called after every decoding step.
+        """
+        checks = list(stop_checks) if stop_checks is not None else [None] * len(rows)
         results: list[Completion | None] = [None] * len(rows)
-        groups: dict[SamplingParams, list[int]] = {}
+        groups: dict[tuple, list[int]] = {}
         for index, row in enumerate(rows):
-            groups.setdefault(row.sampling, []).append(index)
-        for sampling, indexes in groups.items():
+            groups.setdefault(row.batch_key, []).append(index)
+        for indexes in groups.values():
             batch = [rows[i] for i in indexes]
-            for index, completion in zip(indexes, self._generate(batch, sampling), strict=True):
+            completions = self._generate(batch, [checks[i] for i in indexes], on_step)
+            for index, completion in zip(indexes, completions, strict=True):
                 results[index] = completion
         return [r for r in results if r is not None]
 
@@ -122,6 +179,8 @@ class Generator:
             "pad_token_id": self.pad_token_id,
             "repetition_penalty": sampling.repetition_penalty,
         }
+        if self.static_cache:
+            options["cache_implementation"] = "static"
         if sampling.greedy:
             options["do_sample"] = False
         else:
@@ -134,17 +193,30 @@ class Generator:
         return GenerationConfig(**options)
 
     @torch.inference_mode()
-    def _generate(self, rows: Sequence[Row], sampling: SamplingParams) -> list[Completion]:
+    def _generate(
+        self,
+        rows: Sequence[Row],
+        stop_checks: Sequence[StopCheck | None],
+        on_step: Callable[[], None] | None,
+    ) -> list[Completion]:
         inputs = self._inputs(rows)
+        limits = [row.sampling.max_new_tokens for row in rows]
+        sampling = replace(rows[0].sampling, max_new_tokens=max(limits))
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
-        output = self.model.generate(**inputs, generation_config=self._generation_config(sampling))
         prompt_length = inputs["input_ids"].shape[1]
+        output = self.model.generate(
+            **inputs,
+            generation_config=self._generation_config(sampling),
+            stopping_criteria=StoppingCriteriaList(
+                [_RowLimits(prompt_length, limits, stop_checks, on_step)]
+            ),
+        )
         prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
         new_tokens = output[:, prompt_length:].tolist()
         return [
-            self._completion(tokens, int(n_prompt))
-            for tokens, n_prompt in zip(new_tokens, prompt_tokens, strict=True)
+            self._completion(tokens[:limit], int(n_prompt))
+            for tokens, limit, n_prompt in zip(new_tokens, limits, prompt_tokens, strict=True)
         ]
 
     def _completion(self, tokens: list[int], prompt_tokens: int) -> Completion:

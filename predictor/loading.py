@@ -117,6 +117,8 @@ def load_model(settings: Settings) -> LoadedModel:
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     quantization = quantization_config(settings.quantization, device, dtype)
+    if settings.compile and device.type != "cuda":
+        raise StartupError(f"--compile needs a CUDA device; this one is {device}")
     model_type = check_architecture(source)
     logger.info(
         "loading %s (%s) on %s as %s, quantization %s",

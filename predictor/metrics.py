@@ -7,7 +7,7 @@ the `qwen_vl_` prefix; Kubernetes manifests and dashboards refer to these exact 
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 PREFIX = "qwen_vl"
 LABELS = ("model_name",)
@@ -35,3 +35,61 @@ IMAGE_DECODE_SECONDS = Histogram(
     LABELS,
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
+
+# Load of the generation engine, for an endpoint picker and an autoscaler.
+REQUESTS_WAITING = Gauge(
+    f"{PREFIX}_num_requests_waiting", "Requests queued, not yet generating.", LABELS
+)
+REQUESTS_RUNNING = Gauge(
+    f"{PREFIX}_num_requests_running", "Requests whose images are generating now.", LABELS
+)
+UTILIZATION = Gauge(
+    f"{PREFIX}_utilization",
+    "Share of the engine's capacity in use, 0 to 1: (running + waiting rows) / max batch size, "
+    "capped at 1. Endpoint pickers use it in place of KV-cache usage.",
+    LABELS,
+)
+REJECTED = Counter(
+    f"{PREFIX}_requests_rejected",
+    "Requests refused at once because the queue was full (HTTP 503 / gRPC UNAVAILABLE).",
+    LABELS,
+)
+BATCH_SIZE = Histogram(
+    f"{PREFIX}_batch_size",
+    "Rows (images) in one generate call.",
+    LABELS,
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+)
+QUEUE_WAIT_SECONDS = Histogram(
+    f"{PREFIX}_queue_wait_seconds",
+    "Time a row waited in the queue before its batch started, in seconds.",
+    LABELS,
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+TIME_TO_FIRST_TOKEN_SECONDS = Histogram(
+    f"{PREFIX}_time_to_first_token_seconds",
+    "Time from a row's arrival to its first generated token, in seconds.",
+    LABELS,
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+
+
+def touch(model_name: str) -> None:
+    """Create every series of a model at zero, so scrapers see them before the first request."""
+    for outcome in OUTCOMES:
+        REQUESTS.labels(model_name, outcome)
+    for collector in (
+        IMAGES,
+        GENERATED_TOKENS,
+        PROMPT_TOKENS,
+        GENERATION_SECONDS,
+        IMAGE_DECODE_SECONDS,
+        REQUESTS_WAITING,
+        REQUESTS_RUNNING,
+        UTILIZATION,
+        REJECTED,
+        BATCH_SIZE,
+        QUEUE_WAIT_SECONDS,
+        TIME_TO_FIRST_TOKEN_SECONDS,
+    ):
+        collector.labels(model_name)

@@ -2,8 +2,8 @@
 
 Thin by design: parsing lives in `protocol`, image checks in `images`, generation in
 `generation`. This class only wires them to KServe's request path and keeps blocking work off
-the event loop: images are decoded on KServe's thread pool, and generation runs on one
-dedicated thread that owns the model, so health checks and metrics answer while it works.
+the event loop: images are decoded on KServe's thread pool, and generation runs in the
+`Engine`, whose one worker thread owns the model and batches concurrent requests.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +20,7 @@ from kserve.model import InferenceVerb
 from kserve.protocol.infer_type import InferRequest, InferResponse
 
 from predictor import metrics
+from predictor.engine import Engine, EngineConfig
 from predictor.errors import InvalidRequest
 from predictor.generation import Generator, Row
 from predictor.images import ImageLimits, PixelBudget, fit_to_budget, load_image
@@ -47,6 +47,9 @@ class PreparedRequest:
     parsed: ParsedRequest
     rows: list[Row]
     decode_ms: int
+    arrived: (
+        float  # time.monotonic() when preprocessing began: the request's deadline counts from it
+    )
 
 
 @dataclass
@@ -70,17 +73,30 @@ class QwenVLModel(Model):
             max_bytes=settings.max_image_bytes, max_decoded_pixels=settings.max_decoded_pixels
         )
         self.generator: Generator | None = None
+        self.engine: Engine | None = None
         self.limits: RequestLimits | None = None
-        self._generate_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        metrics.touch(self.name)
 
     def load(self) -> bool:
         """Load the checkpoint, run the warm-up generation, and only then report ready."""
         started = time.perf_counter()
         loaded = load_model(self.settings)
-        self.generator = Generator(loaded.model, loaded.processor)
+        self.generator = Generator(
+            loaded.model, loaded.processor, static_cache=self.settings.compile
+        )
         self.limits = self._request_limits(self.generator.default_budget)
         if self.settings.warmup:
             self.generator.warm_up()
+        self.engine = Engine(
+            self.generator,
+            self.name,
+            EngineConfig(
+                max_batch_size=self.settings.max_batch_size,
+                batch_wait_ms=self.settings.batch_wait_ms,
+                max_queue_size=self.settings.max_queue_size,
+                request_timeout_s=self.settings.request_timeout_s,
+            ),
+        )
         self.ready = True
         logger.info("model %s ready in %d ms", self.name, _ms(started))
         return self.ready
@@ -100,7 +116,8 @@ class QwenVLModel(Model):
         )
 
     def stop(self) -> None:
-        self._generate_thread.shutdown(wait=False, cancel_futures=True)
+        if self.engine is not None:
+            self.engine.stop()
         super().stop()
 
     def get_input_types(self) -> list[dict[str, Any]]:
@@ -140,13 +157,14 @@ class QwenVLModel(Model):
                 "request", "this model speaks the v2 protocol: POST /v2/models/{name}/infer"
             )
         assert self.limits is not None, "preprocess before load"
+        arrived = time.monotonic()
         parsed = parse_infer_request(payload, self.limits, self.settings.default_prompt)
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
         rows = await loop.run_in_executor(None, self._decode_rows, parsed)
         decode_ms = _ms(started)
         metrics.IMAGE_DECODE_SECONDS.labels(self.name).observe(decode_ms / 1000)
-        return PreparedRequest(payload, parsed, rows, decode_ms)
+        return PreparedRequest(payload, parsed, rows, decode_ms, arrived)
 
     def _decode_rows(self, parsed: ParsedRequest) -> list[Row]:
         assert self.generator is not None
@@ -167,14 +185,10 @@ class QwenVLModel(Model):
         headers: dict[str, str] | None = None,
         response_headers: dict[str, str] | None = None,
     ) -> DescribedRequest:
-        assert self.generator is not None
+        assert self.engine is not None, "predict before load"
         started = time.perf_counter()
-        loop = asyncio.get_running_loop()
-        completions = await loop.run_in_executor(
-            self._generate_thread, self.generator.describe, payload.rows
-        )
+        completions = await self.engine.submit(payload.rows, arrived=payload.arrived)
         generate_ms = _ms(started)
-        metrics.GENERATION_SECONDS.labels(self.name).observe(generate_ms / 1000)
         metrics.IMAGES.labels(self.name).inc(len(completions))
         metrics.GENERATED_TOKENS.labels(self.name).inc(sum(c.generated_tokens for c in completions))
         metrics.PROMPT_TOKENS.labels(self.name).inc(sum(c.prompt_tokens for c in completions))

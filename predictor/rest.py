@@ -6,23 +6,31 @@ any JPEG), answers 500 when a request has no `id`, and lets FastAPI answer malfo
 This route parses both body forms into KServe's `InferRequest` itself and then hands over to
 KServe's data plane, so the model, its metrics and its error handlers stay KServe's.
 It is registered on KServe's app before KServe adds its own routes, so it takes precedence.
+
+A client that disconnects has its request cancelled (`cancel_on_disconnect`): uvicorn would
+otherwise let the handler run to the end, keeping rows in the engine that nobody will read.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import orjson
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import ORJSONResponse
+from fastapi.responses import JSONResponse, ORJSONResponse
 from kserve.errors import ModelNotReady
 from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.infer_type import InferInput, InferRequest, RequestedOutput
 
+from predictor.engine import DeadlineExceeded, QueueFull
 from predictor.errors import InvalidRequest
 from predictor.protocol import deserialize_bytes
 
 HEADER_LENGTH = "inference-header-content-length"
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer
+T = TypeVar("T")
 
 
 def _json_object(data: bytes, field: str) -> dict[str, Any]:
@@ -148,20 +156,46 @@ def parse_rest_request(body: bytes, header_length: str | None, model_name: str) 
     )
 
 
-def register_infer_routes(app: FastAPI, dataplane: DataPlane, max_body_bytes: int) -> None:
-    """Add `POST /v2/models/{model_name}[/versions/{v}]/infer` ahead of KServe's routes."""
+async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T | Response:
+    """Run `work`, cancelling it if the client disconnects first."""
+    task = asyncio.ensure_future(work)
 
-    async def infer(request: Request, model_name: str, model_version: str | None = None) -> Any:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > max_body_bytes:
-            raise InvalidRequest(
-                "request body", f"is {declared} bytes, more than the limit of {max_body_bytes}"
-            )
-        if not await dataplane.model_ready(model_name, True):
-            raise ModelNotReady(model_name)
-        body = await request.body()
-        headers = dict(request.headers)
-        infer_request = parse_rest_request(body, headers.get(HEADER_LENGTH), model_name)
+    async def watch() -> None:
+        while not task.done():
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                task.cancel()
+                return
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if watcher.done() and task.cancelled():
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        raise
+    finally:
+        watcher.cancel()
+
+
+async def queue_full_handler(_: Request, exc: QueueFull) -> JSONResponse:
+    return JSONResponse(
+        status_code=503,
+        content={"error": str(exc)},
+        headers={"Retry-After": str(exc.retry_after_s)},
+    )
+
+
+async def deadline_handler(_: Request, exc: DeadlineExceeded) -> JSONResponse:
+    return JSONResponse(status_code=504, content={"error": exc.details})
+
+
+def register_infer_routes(app: FastAPI, dataplane: DataPlane, max_body_bytes: int) -> None:
+    """Add `POST /v2/models/{model_name}[/versions/{v}]/infer` ahead of KServe's routes, and
+    the status codes of the engine's overload (503 + Retry-After) and deadline (504) errors."""
+
+    async def run(infer_request: InferRequest, headers: dict[str, str]) -> Response:
+        model_name = infer_request.model_name
         result, response_headers = await dataplane.infer(model_name, infer_request, headers)
         encoded, encode_headers = dataplane.encode(model_name, result, headers, {})
         response_headers.update(encode_headers)
@@ -173,8 +207,24 @@ def register_infer_routes(app: FastAPI, dataplane: DataPlane, max_body_bytes: in
             )
         return ORJSONResponse(content=encoded, headers=response_headers)
 
+    async def infer(request: Request, model_name: str, model_version: str | None = None) -> Any:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > max_body_bytes:
+            raise InvalidRequest(
+                "request body", f"is {declared} bytes, more than the limit of {max_body_bytes}"
+            )
+        if not await dataplane.model_ready(model_name, True):
+            raise ModelNotReady(model_name)
+        headers = dict(request.headers)
+        # The whole body is read before the disconnect watcher starts reading ASGI messages.
+        body = await request.body()
+        infer_request = parse_rest_request(body, headers.get(HEADER_LENGTH), model_name)
+        return await cancel_on_disconnect(request, run(infer_request, headers))
+
     for path in (
         "/v2/models/{model_name}/infer",
         "/v2/models/{model_name}/versions/{model_version}/infer",
     ):
         app.add_api_route(path, infer, methods=["POST"], response_model=None)
+    app.add_exception_handler(QueueFull, queue_full_handler)
+    app.add_exception_handler(DeadlineExceeded, deadline_handler)

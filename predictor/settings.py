@@ -46,6 +46,11 @@ class Settings:
     max_image_bytes: int = 20 * MIB
     max_decoded_pixels: int = 50_000_000
     warmup: bool = True
+    compile: bool = False
+    max_batch_size: int = 16
+    batch_wait_ms: float = 5.0
+    max_queue_size: int = 64
+    request_timeout_s: float = 300.0
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
@@ -64,12 +69,16 @@ class Settings:
             "max_images_per_request",
             "max_image_bytes",
             "max_decoded_pixels",
+            "max_batch_size",
+            "max_queue_size",
         )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1")
         if self.max_new_tokens > self.max_new_tokens_limit:
             raise ValueError("--max_new_tokens must not exceed --max_new_tokens_limit")
+        if self.batch_wait_ms < 0 or self.request_timeout_s <= 0:
+            raise ValueError("--batch_wait_ms must be >= 0 and --request_timeout_s > 0")
         if not self.model_name:
             raise ValueError("--model_name must not be empty")
 
@@ -154,6 +163,40 @@ def build_parser(parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.Ar
         type=_bool,
         default=_env("warmup", d.warmup, _bool),
         help="run one generation before reporting ready",
+    )
+
+    runtime.add_argument(
+        "--compile",
+        type=_bool,
+        default=_env("compile", d.compile, _bool),
+        help="CUDA only: static KV cache plus torch.compile; faster decoding after a warm-up "
+        "that compiles (minutes for an 8B model)",
+    )
+
+    engine = parser.add_argument_group("batching engine")
+    engine.add_argument(
+        "--max_batch_size",
+        type=int,
+        default=_env("max_batch_size", d.max_batch_size, int),
+        help="most images (rows) generated together in one batch",
+    )
+    engine.add_argument(
+        "--batch_wait_ms",
+        type=float,
+        default=_env("batch_wait_ms", d.batch_wait_ms, float),
+        help="how long the first waiting row waits for others to join its batch",
+    )
+    engine.add_argument(
+        "--max_queue_size",
+        type=int,
+        default=_env("max_queue_size", d.max_queue_size, int),
+        help="requests waiting beyond this are refused at once with 503 / UNAVAILABLE",
+    )
+    engine.add_argument(
+        "--request_timeout_s",
+        type=float,
+        default=_env("request_timeout_s", d.request_timeout_s, float),
+        help="a request's total time limit (504 / DEADLINE_EXCEEDED past it)",
     )
 
     requests = parser.add_argument_group("request defaults and limits")

@@ -1,0 +1,129 @@
+"""Overload and abandonment on the real server: 503 + Retry-After, UNAVAILABLE, freed slots."""
+
+from __future__ import annotations
+
+import base64
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests import images
+from tests.live_server import LiveServer, start_server
+
+pytestmark = pytest.mark.slow
+LONG = 3500  # tokens: tens of seconds of generation on the tiny model
+
+
+@pytest.fixture(scope="module")
+def server(tiny_qwen3_vl: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    log = tmp_path_factory.mktemp("overload") / "server.log"
+    args = (
+        "--max_queue_size", "1",
+        "--max_batch_size", "1",
+        "--batch_wait_ms", "0",
+        "--max_new_tokens_limit", "4000",
+    )  # fmt: skip
+    with start_server(tiny_qwen3_vl, log, *args) as live:
+        yield live
+
+
+def body(picture: bytes, max_new_tokens: int) -> dict:
+    data = [base64.b64encode(picture).decode()]
+    return {
+        "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": data}],
+        "parameters": {"max_new_tokens": max_new_tokens},
+    }
+
+
+@pytest.fixture(scope="module")
+def long_picture(server: LiveServer) -> bytes:
+    """An image the random model does not end early (it rarely emits its end-of-turn token)."""
+    for color in ((200, 40, 40), (40, 200, 40), (40, 40, 200), (128, 128, 128), (0, 0, 0)):
+        picture = images.jpeg(color=color)
+        reply = httpx.post(server.infer_url, json=body(picture, 150), timeout=60).json()
+        finish = next(o for o in reply["outputs"] if o["name"] == "finish_reason")["data"][0]
+        if finish == "length":
+            return picture
+    pytest.fail("no test image ran to its token limit")
+
+
+def gauges(server: LiveServer) -> dict[str, float]:
+    values = {}
+    for family in text_string_to_metric_families(httpx.get(f"{server.url}/metrics").text):
+        for sample in family.samples:
+            if sample.labels.get("model_name") == server.model_name and not sample.labels.get(
+                "outcome"
+            ):
+                values[sample.name] = sample.value
+    return values
+
+
+def wait_for(server: LiveServer, name: str, value: float, timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    while gauges(server).get(name) != value:
+        assert time.monotonic() < deadline, f"{name} never became {value}: {gauges(server)}"
+        time.sleep(0.05)
+
+
+def abandoning_client(server: LiveServer, picture: bytes, gave_up: list) -> threading.Thread:
+    """A client that gives up after 3 s and closes its connection."""
+
+    def run() -> None:
+        try:
+            httpx.post(server.infer_url, json=body(picture, LONG), timeout=3)
+        except httpx.TimeoutException:
+            gave_up.append(True)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_full_queue_is_refused_at_once_and_abandoned_work_frees_its_slot(
+    server: LiveServer, long_picture: bytes
+) -> None:
+    rejected_before = gauges(server)["qwen_vl_requests_rejected_total"]
+    gave_up: list = []
+    running = abandoning_client(server, long_picture, gave_up)
+    wait_for(server, "qwen_vl_num_requests_running", 1)
+    waiting = abandoning_client(server, long_picture, gave_up)
+    wait_for(server, "qwen_vl_num_requests_waiting", 1)
+    assert gauges(server)["qwen_vl_utilization"] == 1.0
+
+    started = time.perf_counter()
+    refused = httpx.post(server.infer_url, json=body(long_picture, 5), timeout=10)
+    refused_in = time.perf_counter() - started
+    assert refused.status_code == 503, refused.text
+    assert refused.headers["retry-after"] == "1"
+    assert "overloaded" in refused.json()["error"]
+    assert refused_in < 1.0  # answered at once (the benchmark measures it precisely)
+
+    tensor = pb.ModelInferRequest.InferInputTensor(name="image", datatype="BYTES", shape=[1])
+    tensor.contents.bytes_contents.append(long_picture)
+    with (
+        grpc.insecure_channel(server.grpc_target) as channel,
+        pytest.raises(grpc.RpcError) as error,
+    ):
+        GRPCInferenceServiceStub(channel).ModelInfer(
+            pb.ModelInferRequest(model_name=server.model_name, inputs=[tensor]), timeout=10
+        )
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    running.join()
+    waiting.join()
+    assert gave_up == [True, True]
+    # Both clients left: the running row stops, the queued one is dropped, the slots free up.
+    wait_for(server, "qwen_vl_num_requests_running", 0, timeout_s=10)
+    wait_for(server, "qwen_vl_num_requests_waiting", 0, timeout_s=10)
+    ok = httpx.post(server.infer_url, json=body(long_picture, 3), timeout=30)
+    assert ok.status_code == 200
+    assert gauges(server)["qwen_vl_requests_rejected_total"] == rejected_before + 2
+    assert server.is_ready()
