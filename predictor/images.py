@@ -58,8 +58,40 @@ def decode_base64(text: str, field: str) -> bytes:
         raise InvalidRequest(field, f"is not valid base64 ({exc})") from None
 
 
+@dataclass(frozen=True)
+class ResizeTarget:
+    """Where decoding should end: the pixel budget and the side multiple of the model."""
+
+    budget: PixelBudget
+    factor: int
+
+
+# EXIF orientations that turn the stored image by 90 or 270 degrees.
+_SWAPS_AXES = {5, 6, 7, 8}
+
+
 def load_image(data: bytes, limits: ImageLimits, field: str) -> Image.Image:
-    """Decode encoded image bytes into an RGB image, refusing anything unsafe or broken."""
+    """Decode encoded image bytes into a full-size RGB image, refusing anything unsafe."""
+    return _decode(data, limits, field, target=None)
+
+
+def prepare_image(
+    data: bytes, limits: ImageLimits, field: str, budget: PixelBudget, factor: int
+) -> Image.Image:
+    """Decode straight to the size Qwen-VL's processor would choose for this image.
+
+    Why: a 12-megapixel photo becomes a few hundred thousand model pixels. For a JPEG,
+    Pillow's `draft()` makes the decoder itself scale by 1/2, 1/4 or 1/8 to the nearest size
+    still above the target, which skips most of the decoding work; one resize then lands
+    exactly on the target. The target is computed from the full-size dimensions, so the grid
+    is the one the processor would compute from the full image.
+    """
+    return _decode(data, limits, field, target=ResizeTarget(budget, factor))
+
+
+def _decode(
+    data: bytes, limits: ImageLimits, field: str, target: ResizeTarget | None
+) -> Image.Image:
     if not data:
         raise InvalidRequest(field, "is empty")
     if len(data) > limits.max_bytes:
@@ -72,9 +104,18 @@ def load_image(data: bytes, limits: ImageLimits, field: str) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
             _check_dimensions(image.size, limits, field)
+            size = None
+            if target is not None:
+                size = _final_size(image, target)
+                if image.format == "JPEG":
+                    stored = size[::-1] if _orientation(image) in _SWAPS_AXES else size
+                    image.draft("RGB", stored)
             image.seek(0)  # animated GIF/WebP/TIFF: describe the first frame
             image.load()
-            return to_rgb(ImageOps.exif_transpose(image))
+            image = to_rgb(ImageOps.exif_transpose(image))
+            if size is not None and image.size != size:
+                image = image.resize(size, Image.Resampling.BICUBIC)
+            return image
     except InvalidRequest:
         raise
     except UnidentifiedImageError:
@@ -85,6 +126,18 @@ def load_image(data: bytes, limits: ImageLimits, field: str) -> Image.Image:
         raise InvalidRequest(field, f"is too large to decode safely ({exc})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InvalidRequest(field, f"could not be decoded: truncated or corrupt ({exc})") from None
+
+
+def _orientation(image: Image.Image) -> int:
+    return int(image.getexif().get(0x0112, 1) or 1)
+
+
+def _final_size(image: Image.Image, target: ResizeTarget) -> tuple[int, int]:
+    """The model-input size of the image as it will be shown (EXIF rotation applied)."""
+    width, height = image.size
+    if _orientation(image) in _SWAPS_AXES:
+        width, height = height, width
+    return target_size(width, height, target.budget, target.factor)
 
 
 def _check_dimensions(size: tuple[int, int], limits: ImageLimits, field: str) -> None:

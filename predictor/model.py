@@ -23,7 +23,7 @@ from predictor import metrics
 from predictor.engine import Engine, EngineConfig
 from predictor.errors import InvalidRequest
 from predictor.generation import Generator, Row
-from predictor.images import ImageLimits, PixelBudget, fit_to_budget, load_image
+from predictor.images import ImageLimits, PixelBudget, prepare_image
 from predictor.loading import load_model
 from predictor.params import RequestLimits
 from predictor.protocol import (
@@ -169,15 +169,16 @@ class QwenVLModel(Model):
     def _decode_rows(self, parsed: ParsedRequest) -> list[Row]:
         assert self.generator is not None
         factor = self.generator.resize_factor
-        rows = []
-        for index, (data, prompt) in enumerate(zip(parsed.images, parsed.prompts, strict=True)):
-            image = load_image(data, self.image_limits, f"image[{index}]")
-            try:
-                image = fit_to_budget(image, parsed.budget, factor)
-            except ValueError as exc:
-                raise InvalidRequest(f"image[{index}]", str(exc)) from None
-            rows.append(Row(image=image, prompt=prompt, sampling=parsed.sampling))
-        return rows
+        return [
+            Row(
+                image=prepare_image(
+                    data, self.image_limits, f"image[{index}]", parsed.budget, factor
+                ),
+                prompt=prompt,
+                sampling=parsed.sampling,
+            )
+            for index, (data, prompt) in enumerate(zip(parsed.images, parsed.prompts, strict=True))
+        ]
 
     async def predict(
         self,

@@ -48,11 +48,16 @@ def every_format() -> dict[str, bytes]:
     }
 
 
+def rotate_exif(orientation: int) -> bytes:
+    """EXIF bytes with only an orientation tag (6: shown rotated 90° clockwise)."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif.tobytes()
+
+
 def exif_rotated_jpeg() -> bytes:
     """A 60x20 JPEG whose EXIF orientation (6: rotate 90° clockwise) makes it 20x60."""
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    return encode(solid((60, 20)), "JPEG", exif=exif.tobytes())
+    return encode(solid((60, 20)), "JPEG", exif=rotate_exif(6))
 
 
 def truncated_jpeg() -> bytes:

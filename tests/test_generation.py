@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from predictor.generation import Generator, Row
-from predictor.images import fit_to_budget
+from predictor.images import ImageLimits, fit_to_budget, load_image, prepare_image
 from predictor.loading import load_model
 from predictor.params import SamplingParams
 from predictor.settings import Settings
@@ -119,6 +119,24 @@ def test_processor_keeps_the_pre_resized_grid(generator: Generator) -> None:
     fast = generator._inputs([Row(fit_to_budget(image, budget, factor), "x", GREEDY)])
     slow = generator.processor(
         text=[generator._prompt_text("x")], images=[image], return_tensors="pt"
+    )
+    assert fast["image_grid_thw"].tolist() == slow["image_grid_thw"].tolist()
+
+
+@pytest.mark.parametrize("exif", [None, images.rotate_exif(6)], ids=["upright", "rotated"])
+def test_draft_path_matches_the_slow_path_grid(generator: Generator, exif) -> None:
+    """A large JPEG decoded with draft() reaches the model at the grid the processor computes
+    from the fully decoded image."""
+    photo = images.encode(images.gradient((3000, 2000)), "JPEG", **({"exif": exif} if exif else {}))
+    limits = ImageLimits(max_bytes=50_000_000, max_decoded_pixels=50_000_000)
+    budget, factor = generator.default_budget, generator.resize_factor
+    fast = generator._inputs(
+        [Row(prepare_image(photo, limits, "image", budget, factor), "x", GREEDY)]
+    )
+    slow = generator.processor(
+        text=[generator._prompt_text("x")],
+        images=[load_image(photo, limits, "image")],
+        return_tensors="pt",
     )
     assert fast["image_grid_thw"].tolist() == slow["image_grid_thw"].tolist()
 

@@ -14,6 +14,7 @@ from predictor.images import (
     decode_base64,
     fit_to_budget,
     load_image,
+    prepare_image,
     target_size,
 )
 from tests import images
@@ -100,3 +101,28 @@ def test_fit_to_budget_matches_processor_rules(size, budget, factor) -> None:
     assert resized.size == (width, height)
     # Already at its target size: nothing left to change (the processor relies on this).
     assert target_size(width, height, budget, factor) == (width, height)
+
+
+@pytest.mark.parametrize(
+    ("data", "shown_size"),
+    [
+        (images.encode(images.gradient((1600, 1200)), "JPEG"), (1600, 1200)),
+        (
+            images.encode(images.gradient((1200, 400)), "JPEG", exif=images.rotate_exif(6)),
+            (400, 1200),
+        ),
+        (images.encode(images.gradient((900, 700)), "PNG"), (900, 700)),
+    ],
+    ids=["jpeg-draft", "jpeg-draft-rotated", "png"],
+)
+def test_prepare_image_lands_on_the_processor_size(data: bytes, shown_size) -> None:
+    budget, factor = PixelBudget(4096, 100_000), 32
+    prepared = prepare_image(data, LIMITS, "image", budget, factor)
+    assert prepared.mode == "RGB"
+    assert prepared.size == target_size(*shown_size, budget, factor)
+    full = load_image(data, LIMITS, "image")
+    assert full.size == shown_size
+    # Same picture: the draft-decoded image is close to the slowly resized one.
+    slow = fit_to_budget(full, budget, factor)
+    difference = sum(abs(a - b) for a, b in zip(prepared.tobytes(), slow.tobytes(), strict=True))
+    assert difference / len(slow.tobytes()) < 8
