@@ -144,6 +144,13 @@ class Engine:
             self._abandon(request)
             raise
 
+    def check_capacity(self) -> None:
+        """Refuse now if the queue is full, before the caller spends time decoding images."""
+        with self._lock:
+            if len(self._waiting) >= self.config.max_queue_size:
+                metrics.REJECTED.labels(self.model_name).inc()
+                raise QueueFull(len(self._waiting))
+
     def _enqueue(self, rows: list[Row], arrived: float) -> _Request:
         with self._lock:
             if len(self._waiting) >= self.config.max_queue_size:

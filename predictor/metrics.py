@@ -11,11 +11,12 @@ from prometheus_client import Counter, Gauge, Histogram
 
 PREFIX = "qwen_vl"
 LABELS = ("model_name",)
-OUTCOMES = ("success", "invalid", "error")
+OUTCOMES = ("success", "invalid", "rejected", "timeout", "cancelled", "error")
 
 REQUESTS = Counter(
     f"{PREFIX}_requests",
-    "Inference requests finished, by outcome (success, invalid = client error, error).",
+    "Inference requests finished, by outcome: success, invalid (400), rejected (queue full, "
+    "503), timeout (504), cancelled (client went away), error (500).",
     (*LABELS, "outcome"),
 )
 IMAGES = Counter(f"{PREFIX}_images", "Images described.", LABELS)

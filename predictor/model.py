@@ -20,7 +20,7 @@ from kserve.model import InferenceVerb
 from kserve.protocol.infer_type import InferRequest, InferResponse
 
 from predictor import metrics
-from predictor.engine import Engine, EngineConfig
+from predictor.engine import DeadlineExceeded, Engine, EngineConfig, QueueFull
 from predictor.errors import InvalidRequest
 from predictor.generation import Generator, Row
 from predictor.images import ImageLimits, PixelBudget, prepare_image
@@ -138,6 +138,15 @@ class QwenVLModel(Model):
         except InvalidInput:
             metrics.REQUESTS.labels(self.name, "invalid").inc()
             raise
+        except QueueFull:
+            metrics.REQUESTS.labels(self.name, "rejected").inc()
+            raise
+        except DeadlineExceeded:
+            metrics.REQUESTS.labels(self.name, "timeout").inc()
+            raise
+        except asyncio.CancelledError:
+            metrics.REQUESTS.labels(self.name, "cancelled").inc()
+            raise
         except Exception:
             metrics.REQUESTS.labels(self.name, "error").inc()
             logger.exception("request failed on model %s", self.name)
@@ -158,6 +167,8 @@ class QwenVLModel(Model):
             )
         assert self.limits is not None, "preprocess before load"
         arrived = time.monotonic()
+        assert self.engine is not None, "preprocess before load"
+        self.engine.check_capacity()
         parsed = parse_infer_request(payload, self.limits, self.settings.default_prompt)
         started = time.perf_counter()
         loop = asyncio.get_running_loop()

@@ -41,7 +41,8 @@ class Settings:
     default_prompt: str = DEFAULT_PROMPT
     max_new_tokens: int = 128
     max_new_tokens_limit: int = 1024
-    max_pixels_limit: int = 4 * 1024 * 1024
+    # 1280 x 28 x 28, the budget Qwen's model cards suggest: ~1000 visual tokens per image.
+    max_pixels_limit: int = 1_003_520
     max_images_per_request: int = 16
     max_image_bytes: int = 20 * MIB
     max_decoded_pixels: int = 50_000_000

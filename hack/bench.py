@@ -1,0 +1,372 @@
+#!/usr/bin/env python3
+"""Benchmark the predictor and print each figure as a ratio beside its goal.
+
+CPU run (default): builds the tiny Qwen3-VL model, starts the real server on loopback and
+measures
+  P1  REST end-to-end latency / in-process generate latency, batch 1      (goal <= 1.05)
+  P2  throughput with 16 concurrent clients / with 1 client              (goal >= 6)
+  P3  full decode + resize of a 12-megapixel JPEG / the draft fast path   (goal >= 2.5)
+  overload: 10x more clients than the queue holds: time to a 503          (goal < 50 ms)
+            and the server's resident memory before and after two bursts
+
+GPU run (`--shape qwen3-vl-2b|qwen3-vl-8b`, needs CUDA): random weights with the real model's
+configuration, no download; tokens/s at batch 1 and with 32 concurrent requests, time to first
+token, and peak GPU memory, in bfloat16 and in 4-bit.
+
+Usage: python hack/bench.py [--json OUT.json] [--shape qwen3-vl-2b] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+GOALS = {"P1": ("<=", 1.05), "P2": (">=", 6.0), "P3": (">=", 2.5), "overload_503_ms": ("<", 50.0)}
+
+
+def photo(width: int, height: int, seed: int = 0) -> Image.Image:
+    """Photo-like content (smooth shapes plus grain), so JPEG sizes and decode costs are real."""
+    rng = np.random.default_rng(seed)
+    base = Image.fromarray((rng.random((height // 50, width // 50, 3)) * 255).astype("uint8"))
+    smooth = np.asarray(base.resize((width, height), Image.Resampling.BICUBIC), dtype=np.int16)
+    grain = rng.integers(-12, 12, size=(height, width, 3), dtype=np.int16)
+    return Image.fromarray(np.clip(smooth + grain, 0, 255).astype("uint8"))
+
+
+def jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def median_ms(action: Callable[[], object], runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        action()
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
+def infer_body(picture: bytes, max_new_tokens: int) -> dict:
+    return {
+        "inputs": [
+            {
+                "name": "image",
+                "datatype": "BYTES",
+                "shape": [1],
+                "data": [base64.b64encode(picture).decode()],
+            }
+        ],
+        "parameters": {"max_new_tokens": max_new_tokens},
+    }
+
+
+def verdict(name: str, value: float) -> str:
+    op, goal = GOALS[name]
+    ok = {"<=": value <= goal, ">=": value >= goal, "<": value < goal}[op]
+    return f"goal {op} {goal:g}: {'PASS' if ok else 'MISS'}"
+
+
+# ---- P1: REST overhead ------------------------------------------------------------------
+
+
+def bench_p1(server, model_dir: Path, picture: bytes, tokens: int, runs: int) -> dict:
+    from predictor.generation import Generator, Row
+    from predictor.images import ImageLimits, prepare_image
+    from predictor.loading import load_model
+    from predictor.params import SamplingParams
+    from predictor.settings import Settings
+
+    settings = Settings(model_dir=str(model_dir), device="cpu")
+    loaded = load_model(settings)
+    generator = Generator(loaded.model, loaded.processor)
+    limits = ImageLimits(settings.max_image_bytes, settings.max_decoded_pixels)
+    budget = generator.default_budget
+    image = prepare_image(picture, limits, "image", budget, generator.resize_factor)
+    row = Row(image, settings.default_prompt, SamplingParams(max_new_tokens=tokens))
+    generator.describe([row])  # warm
+    in_process = median_ms(lambda: generator.describe([row]), runs)
+
+    client = httpx.Client(timeout=120)
+    body = infer_body(picture, tokens)
+    client.post(server.infer_url, json=body).raise_for_status()  # warm
+
+    def rest() -> None:
+        client.post(server.infer_url, json=body).raise_for_status()
+
+    rest_ms = median_ms(rest, runs)
+    ratio = rest_ms / in_process
+    print(
+        f"P1  REST end-to-end / in-process generate, batch 1: {ratio:.3f}  "
+        f"(REST {rest_ms:.1f} ms, in-process {in_process:.1f} ms, {tokens} tokens, "
+        f"median of {runs})  {verdict('P1', ratio)}"
+    )
+    return {"ratio": ratio, "rest_ms": rest_ms, "in_process_ms": in_process, "tokens": tokens}
+
+
+# ---- P2: batching throughput ------------------------------------------------------------
+
+
+def run_clients(url: str, bodies: list[dict], clients: int) -> tuple[float, list[int]]:
+    """Send `bodies` from `clients` threads; return (seconds, status codes)."""
+    statuses: list[int] = []
+    lock = threading.Lock()
+    chunks = [bodies[i::clients] for i in range(clients)]
+    barrier = threading.Barrier(clients + 1)
+
+    def client(chunk: list[dict]) -> None:
+        with httpx.Client(timeout=300) as http:
+            barrier.wait()
+            for body in chunk:
+                status = http.post(url, json=body).status_code
+                with lock:
+                    statuses.append(status)
+
+    threads = [threading.Thread(target=client, args=(chunk,)) for chunk in chunks]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - started, statuses
+
+
+def bench_p2(server, pictures: list[bytes], tokens: int, per_client: int) -> dict:
+    bodies = [infer_body(p, tokens) for p in pictures]
+    single = [bodies[i % len(bodies)] for i in range(per_client * 2)]
+    seconds_1, statuses_1 = run_clients(server.infer_url, single, 1)
+    many = [bodies[i % len(bodies)] for i in range(16 * per_client)]
+    seconds_16, statuses_16 = run_clients(server.infer_url, many, 16)
+    assert set(statuses_1) == {200} and set(statuses_16) == {200}, (statuses_1, statuses_16)
+    rps_1, rps_16 = len(single) / seconds_1, len(many) / seconds_16
+    ratio = rps_16 / rps_1
+    print(
+        f"P2  throughput 16 clients / 1 client: {ratio:.2f}  "
+        f"({rps_16:.2f} vs {rps_1:.2f} requests/s, {tokens} tokens each)  {verdict('P2', ratio)}"
+    )
+    return {"ratio": ratio, "rps_16": rps_16, "rps_1": rps_1, "tokens": tokens}
+
+
+# ---- P3: image path ---------------------------------------------------------------------
+
+
+def bench_p3(runs: int) -> dict:
+    from predictor.images import ImageLimits, PixelBudget, fit_to_budget, load_image, prepare_image
+
+    picture = jpeg_bytes(photo(4000, 3000, seed=3))
+    limits = ImageLimits(max_bytes=50_000_000, max_decoded_pixels=50_000_000)
+    # Qwen3-VL-2B's own minimum, capped by the server's default --max_pixels_limit.
+    budget, factor = PixelBudget(65_536, 1_003_520), 32
+    slow = median_ms(lambda: fit_to_budget(load_image(picture, limits, "i"), budget, factor), runs)
+    fast = median_ms(lambda: prepare_image(picture, limits, "i", budget, factor), runs)
+    ratio = slow / fast
+    print(
+        f"P3  12 MP JPEG to model input, full decode + resize / draft path: {ratio:.2f}  "
+        f"({slow:.1f} ms vs {fast:.1f} ms, {len(picture) / 1e6:.1f} MB, budget "
+        f"{budget.max_pixels} px)  {verdict('P3', ratio)}"
+    )
+    return {"ratio": ratio, "slow_ms": slow, "fast_ms": fast, "jpeg_bytes": len(picture)}
+
+
+# ---- overload ---------------------------------------------------------------------------
+
+
+def rss_mb(pid: int) -> float:
+    import psutil
+
+    return psutil.Process(pid).memory_info().rss / 1e6
+
+
+def burst(url: str, body: dict, clients: int) -> tuple[list[float], list[int]]:
+    """`clients` simultaneous requests; latency (ms) and status of each."""
+    results: list[tuple[float, int]] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(clients)
+
+    def client() -> None:
+        with httpx.Client(timeout=300) as http:
+            barrier.wait()
+            started = time.perf_counter()
+            status = http.post(url, json=body).status_code
+            with lock:
+                results.append(((time.perf_counter() - started) * 1000, status))
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return [r[0] for r in results], [r[1] for r in results]
+
+
+def bench_overload(model_dir: Path, log_dir: Path, picture: bytes, queue: int) -> dict:
+    from tests.live_server import start_server
+
+    args = ("--max_queue_size", str(queue), "--max_batch_size", str(queue), "--batch_wait_ms", "0")
+    with start_server(model_dir, log_dir / "overload.log", *args) as server:
+        body = infer_body(picture, 48)
+        httpx.post(server.infer_url, json=body, timeout=120).raise_for_status()
+        before = rss_mb(server.process.pid)
+        rejected_ms: list[float] = []
+        statuses: list[int] = []
+        for _ in range(2):
+            latencies, codes = burst(server.infer_url, body, clients=10 * queue)
+            rejected_ms += [ms for ms, code in zip(latencies, codes, strict=True) if code == 503]
+            statuses += codes
+        after = rss_mb(server.process.pid)
+        ready = server.is_ready()
+    unexpected = sorted({s for s in statuses if s not in (200, 503)})
+    p50 = statistics.median(rejected_ms) if rejected_ms else float("nan")
+    worst = max(rejected_ms) if rejected_ms else float("nan")
+    print(
+        f"overload  {10 * queue} clients on a queue of {queue}, twice: "
+        f"{len(rejected_ms)} got 503 in {p50:.1f} ms median, {worst:.1f} ms worst "
+        f"({verdict('overload_503_ms', p50)}); {statuses.count(200)} served; other statuses "
+        f"{unexpected or 'none'}; RSS {before:.0f} MB before, {after:.0f} MB after; "
+        f"ready after: {ready}"
+    )
+    return {
+        "clients": 10 * queue,
+        "queue": queue,
+        "rejected": len(rejected_ms),
+        "served": statuses.count(200),
+        "reject_ms_median": p50,
+        "reject_ms_max": worst,
+        "unexpected_statuses": unexpected,
+        "rss_mb_before": before,
+        "rss_mb_after": after,
+        "ready_after": ready,
+    }
+
+
+# ---- CPU run ----------------------------------------------------------------------------
+
+
+def cpu_run(args: argparse.Namespace) -> dict:
+    from hack.make_tiny_model import make_tiny_model
+    from tests.live_server import start_server
+
+    runs = 3 if args.quick else 9
+    with tempfile.TemporaryDirectory(prefix="qwen-vl-bench-") as tmp:
+        work = Path(tmp)
+        model_dir = make_tiny_model(work / "tiny", "qwen3-vl")
+        pictures = [jpeg_bytes(photo(640, 480, seed=s)) for s in range(4)]
+        results: dict = {"machine": "cpu", "model": "tiny qwen3-vl (random weights)"}
+        with start_server(model_dir, work / "server.log") as server:
+            print(f"server ready in {server.startup_s:.1f} s (tiny model, this machine's CPU)")
+            results["startup_s"] = server.startup_s
+            results["P1"] = bench_p1(server, model_dir, pictures[0], args.tokens, runs)
+            results["P2"] = bench_p2(server, pictures, 32, per_client=2 if args.quick else 4)
+        results["P3"] = bench_p3(runs)
+        results["overload"] = bench_overload(model_dir, work, pictures[0], queue=4)
+    return results
+
+
+# ---- GPU run ----------------------------------------------------------------------------
+
+
+def gpu_run(args: argparse.Namespace) -> dict:
+    import torch
+
+    from hack.model_shapes import write_shaped_checkpoint
+    from predictor.engine import Engine, EngineConfig
+    from predictor.generation import Generator, Row
+    from predictor.images import ImageLimits, PixelBudget, prepare_image
+    from predictor.loading import load_model
+    from predictor.params import SamplingParams
+    from predictor.settings import Settings
+
+    if not torch.cuda.is_available():
+        raise SystemExit("--shape needs a CUDA device")
+    results: dict = {"machine": torch.cuda.get_device_name(), "shape": args.shape}
+    picture = jpeg_bytes(photo(1280, 960, seed=1))
+    with tempfile.TemporaryDirectory(prefix="qwen-vl-shape-") as tmp:
+        started = time.perf_counter()
+        checkpoint = write_shaped_checkpoint(args.shape, Path(tmp) / args.shape)
+        print(f"{args.shape}: random checkpoint written in {time.perf_counter() - started:.0f} s")
+        for quantization in ("none", "4bit"):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            settings = Settings(model_dir=str(checkpoint), quantization=quantization)
+            loaded = load_model(settings)
+            generator = Generator(loaded.model, loaded.processor)
+            image = prepare_image(
+                picture,
+                ImageLimits(50_000_000, 50_000_000),
+                "image",
+                PixelBudget(65_536, settings.max_pixels_limit),
+                generator.resize_factor,
+            )
+            tokens = args.tokens
+            row = Row(image, "Describe this image.", SamplingParams(max_new_tokens=tokens))
+            generator.describe([row])
+            single_ms = median_ms(lambda g=generator, r=row: g.describe([r]), 3)
+            ttft_ms = _ttft_ms(generator, row)
+            engine = Engine(generator, f"bench-{quantization}", EngineConfig(max_batch_size=32))
+
+            async def concurrent(engine=engine, row=row):
+                began = time.perf_counter()
+                done = await asyncio.gather(*(engine.submit([row]) for _ in range(32)))
+                return time.perf_counter() - began, sum(c[0].generated_tokens for c in done)
+
+            seconds, generated = asyncio.run(concurrent())
+            engine.stop()
+            label = "bf16" if quantization == "none" else "4-bit"
+            figures = {
+                "tokens_per_s_batch_1": tokens / (single_ms / 1000),
+                "tokens_per_s_32_concurrent": generated / seconds,
+                "ttft_ms": ttft_ms,
+                "peak_gpu_gb": torch.cuda.max_memory_allocated() / 1e9,
+            }
+            results[label] = figures
+            print(
+                f"{args.shape} {label}: {figures['tokens_per_s_batch_1']:.1f} tokens/s at "
+                f"batch 1, {figures['tokens_per_s_32_concurrent']:.1f} tokens/s with 32 "
+                f"concurrent, time to first token {ttft_ms:.0f} ms, peak GPU memory "
+                f"{figures['peak_gpu_gb']:.1f} GB"
+            )
+            del engine, loaded
+    return results
+
+
+def _ttft_ms(generator, row) -> float:
+    from dataclasses import replace
+
+    first = replace(row, sampling=replace(row.sampling, max_new_tokens=1))
+    return median_ms(lambda: generator.describe([first]), 3)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
+    parser.add_argument("--shape", choices=("qwen3-vl-2b", "qwen3-vl-8b"), help="GPU run")
+    parser.add_argument("--tokens", type=int, default=64, help="tokens per request for P1/GPU")
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    args = parser.parse_args()
+    results = gpu_run(args) if args.shape else cpu_run(args)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
