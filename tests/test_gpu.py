@@ -1,0 +1,48 @@
+"""GPU-only checks, run by hack/gpu_check.sh; skipped where no CUDA device is visible."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from predictor.generation import Generator, Row
+from predictor.images import fit_to_budget
+from predictor.loading import load_model
+from predictor.params import SamplingParams
+from predictor.settings import Settings
+from tests import images
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def describe(settings: Settings, static_cache: bool = False) -> list:
+    loaded = load_model(settings)
+    generator = Generator(loaded.model, loaded.processor, static_cache=static_cache)
+    image = fit_to_budget(images.gradient((128, 96)), generator.default_budget, 32)
+    rows = [Row(image, "Describe this image.", SamplingParams(max_new_tokens=8))] * 2
+    return generator.describe(rows)
+
+
+def test_bf16_on_cuda_by_default(tiny_qwen3_vl: Path) -> None:
+    loaded = load_model(Settings(model_dir=str(tiny_qwen3_vl)))
+    assert loaded.device.type == "cuda" and loaded.dtype == torch.bfloat16
+    completions = describe(Settings(model_dir=str(tiny_qwen3_vl)))
+    assert [c.generated_tokens for c in completions] == [8, 8]
+
+
+@pytest.mark.parametrize("mode", ["4bit", "8bit"])
+def test_quantized_loading(tiny_qwen3_vl: Path, mode: str) -> None:
+    pytest.importorskip("bitsandbytes")
+    completions = describe(Settings(model_dir=str(tiny_qwen3_vl), quantization=mode))
+    assert all(c.generated_tokens == 8 for c in completions)
+
+
+def test_static_cache_for_compile(tiny_qwen3_vl: Path) -> None:
+    settings = Settings(model_dir=str(tiny_qwen3_vl), compile=True)
+    greedy = describe(Settings(model_dir=str(tiny_qwen3_vl)))
+    assert [c.text for c in describe(settings, static_cache=True)] == [c.text for c in greedy]
