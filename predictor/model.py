@@ -154,6 +154,15 @@ class QwenVLModel(Model):
         metrics.REQUESTS.labels(self.name, "success").inc()
         return result
 
+    def admit(self) -> None:
+        """Refuse a new request at once if the engine's queue is full (503 / UNAVAILABLE)."""
+        assert self.engine is not None, "admit before load"
+        try:
+            self.engine.check_capacity()
+        except QueueFull:
+            metrics.REQUESTS.labels(self.name, "rejected").inc()
+            raise
+
     def validate(self, payload: Any) -> Any:
         # KServe's default looks for an "inputs" key in dict payloads; ours is already checked.
         return payload
@@ -168,7 +177,7 @@ class QwenVLModel(Model):
         assert self.limits is not None, "preprocess before load"
         arrived = time.monotonic()
         assert self.engine is not None, "preprocess before load"
-        self.engine.check_capacity()
+        self.engine.check_capacity()  # before decoding: overload must cost almost nothing
         parsed = parse_infer_request(payload, self.limits, self.settings.default_prompt)
         started = time.perf_counter()
         loop = asyncio.get_running_loop()

@@ -11,6 +11,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from PIL import Image
+
 from predictor.errors import StartupError
 from predictor.settings import Settings, build_parser
 
@@ -19,6 +21,7 @@ logger = logging.getLogger("predictor")
 # gRPC messages carry every image of a request; allow that plus room for prompts and framing.
 GRPC_MESSAGE_SLACK = 1024 * 1024
 GRPC_MAX_MESSAGE = 2**31 - 1
+GIL_SWITCH_INTERVAL_S = 0.001
 
 
 def request_bytes_limit(settings: Settings) -> int:
@@ -67,6 +70,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("--workers must be 1: one process owns the model and its device")
     _configure_logging()
     raise_grpc_message_limits(kserve_server.args, settings)
+    # The engine thread runs Python between tensor operations; a shorter GIL switch interval
+    # (default 5 ms) lets the event loop answer health checks and 503s promptly meanwhile.
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    # Pillow's own decompression-bomb guard, lowered to ours (it also guards other readers).
+    Image.MAX_IMAGE_PIXELS = settings.max_decoded_pixels
 
     model = QwenVLModel(settings)
     try:
