@@ -124,10 +124,12 @@ def test_torn_last_line_is_dropped_and_the_file_rewritten(tmp_path: Path) -> Non
     manifest = tmp_path / "captions.jsonl"
     manifest.write_text(record("a.jpg") + "\n" + record("b.jpg") + "\n" + '{"image": "c.jpg", "te')
     found = [image_file(tmp_path, k) for k in ("a.jpg", "b.jpg", "c.jpg")]
+    (tmp_path / ".captions.jsonl.x1y2.describe-tmp").write_text("a rewrite cut short")
     outputs = Outputs("jsonl", manifest)
     plan = outputs.plan(found)
     outputs.close()
     assert [i.key for i in plan.todo] == ["c.jpg"] and plan.skipped == 2
+    assert not list(tmp_path.glob("*.describe-tmp"))
     assert manifest.read_text() == record("a.jpg") + "\n" + record("b.jpg") + "\n"
 
 
@@ -305,6 +307,8 @@ def test_stop_cancels_a_long_backoff_at_once() -> None:
     [
         (400, "image[0]: is not an image", ImageRejected),
         (400, "max_new_tokens: must be between 1 and 1024, got 0", Fatal),
+        (400, "request body: is 30000000 bytes, more than the limit of 28000000", ImageRejected),
+        (400, "prompt[0]: is 20000 characters, more than 16384", Fatal),
         (404, "Model with name x does not exist.", Fatal),
         (401, "", Fatal),
         (429, "slow down", Retryable),

@@ -154,6 +154,10 @@ class Outputs:
             if record is not None and "error" in record:
                 skipped_rejected += 1
         if loaded is not None and self.manifest_path is not None:
+            for temp in self.manifest_path.parent.glob(
+                f".{self.manifest_path.name}.*{TEMP_SUFFIX}"
+            ):
+                temp.unlink(missing_ok=True)  # a rewrite that a kill interrupted
             stale = {image.key for image in todo} & records.keys()
             if stale or loaded.needs_rewrite:
                 kept = (r for key, r in records.items() if key not in stale)

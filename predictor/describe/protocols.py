@@ -9,6 +9,7 @@ into `predictor.describe.errors` once. A new protocol is one class here plus one
 from __future__ import annotations
 
 import base64
+import re
 import struct
 import sys
 from abc import ABC, abstractmethod
@@ -29,9 +30,11 @@ from predictor.describe.errors import (
 from predictor.describe.retry import parse_retry_after
 
 # The server names the image in its message when the image itself is at fault
-# ("image[0]: not a supported image format"); any other field is a problem with the request
+# ("image[0]: not a supported image format"). With one image per request, a body over the
+# server's size limit is that image's fault too. Any other field is a problem with the request
 # (a flag out of range) that every image would share.
 IMAGE_FIELD_PREFIX = "image["
+BODY_TOO_LARGE = re.compile(r"^request body: is \d+ bytes, more than the limit")
 
 
 @dataclass(frozen=True)
@@ -77,12 +80,13 @@ class Client(ABC):
     def target(self) -> str:
         """Where requests go, for the log."""
 
-    def close(self) -> None:  # noqa: B027 - optional hook, most clients hold a connection pool
+    @abstractmethod
+    def close(self) -> None:
         """Release connections."""
 
 
 def _message_field_is_image(message: str) -> bool:
-    return message.startswith(IMAGE_FIELD_PREFIX)
+    return message.startswith(IMAGE_FIELD_PREFIX) or bool(BODY_TOO_LARGE.match(message))
 
 
 def classify_http(status: int, message: str, retry_after: float | None = None) -> DescribeError:
