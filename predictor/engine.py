@@ -33,7 +33,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from grpc import StatusCode
@@ -157,7 +157,7 @@ class Engine:
                 metrics.REJECTED.labels(self.model_name).inc()
                 raise QueueFull(len(self._waiting))
             self._group += 1
-            rows = [Row(r.image, r.prompt, r.sampling, group=self._group) for r in rows]
+            rows = [replace(r, group=self._group) for r in rows]
             request = _Request(rows, arrived, arrived + self.config.request_timeout_s)
             self._waiting.add(request)
             self._queue.extend(_Slot(request, i) for i in range(len(rows)))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -39,6 +39,7 @@ class Row:
     prompt: str
     sampling: SamplingParams
     group: int = 0  # the request it belongs to; only matters for seeded rows
+    inputs: dict[str, torch.Tensor] | None = field(default=None, compare=False)  # see encode()
 
     @property
     def batch_key(self) -> tuple:
@@ -49,6 +50,8 @@ class Row:
 
 
 StopCheck = Callable[[], bool]
+# Processor outputs laid out along the token sequence (padded on the left when batching).
+_SEQUENCE_KEYS = {"input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids"}
 
 
 class _RowLimits(StoppingCriteria):
@@ -153,17 +156,48 @@ class Generator:
             messages, tokenize=False, add_generation_prompt=True
         )
 
-    def _inputs(self, rows: Sequence[Row]) -> dict[str, torch.Tensor]:
+    def encode(self, image: Image.Image, prompt: str) -> dict[str, torch.Tensor]:
+        """One row's processor output (CPU tensors), computed ahead of its batch.
+
+        Why: the processor's per-image work (normalising, patching, tokenising) then runs on
+        the request's thread, in parallel with the batch the engine is generating, instead of
+        on the engine's critical path. `merge` joins encoded rows exactly as the processor
+        would have batched them.
+        """
+        return dict(self._process([image], [prompt]))
+
+    def _process(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> Any:
         # Images arrive at their final size; a size range that contains every one of them keeps
         # the processor from resizing again (which would change the grid and cost time).
-        pixels = [row.image.width * row.image.height for row in rows]
-        inputs = self.processor(
-            text=[self._prompt_text(row.prompt) for row in rows],
-            images=[row.image for row in rows],
+        pixels = [image.width * image.height for image in images]
+        return self.processor(
+            text=[self._prompt_text(prompt) for prompt in prompts],
+            images=list(images),
             padding=True,
             return_tensors="pt",
             size={"shortest_edge": min(pixels), "longest_edge": max(pixels)},
         )
+
+    def merge(self, encoded: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Batch encoded rows: sequence tensors left-padded to one length, image tensors joined."""
+        length = max(row["input_ids"].shape[1] for row in encoded)
+        merged: dict[str, torch.Tensor] = {}
+        for key in encoded[0]:
+            parts = [row[key] for row in encoded]
+            if key in _SEQUENCE_KEYS:
+                fill = self.pad_token_id if key == "input_ids" else 0
+                parts = [
+                    torch.nn.functional.pad(part, (length - part.shape[1], 0), value=fill)
+                    for part in parts
+                ]
+            merged[key] = torch.cat(parts, dim=0)
+        return merged
+
+    def _inputs(self, rows: Sequence[Row]) -> dict[str, torch.Tensor]:
+        if all(row.inputs is not None for row in rows):
+            inputs = self.merge([row.inputs for row in rows if row.inputs is not None])
+        else:
+            inputs = self._process([row.image for row in rows], [row.prompt for row in rows])
         dtype = self.model.dtype
         return {
             key: value.to(self.device, dtype=dtype)

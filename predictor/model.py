@@ -187,18 +187,18 @@ class QwenVLModel(Model):
         return PreparedRequest(payload, parsed, rows, decode_ms, arrived)
 
     def _decode_rows(self, parsed: ParsedRequest) -> list[Row]:
-        assert self.generator is not None
-        factor = self.generator.resize_factor
-        return [
-            Row(
-                image=prepare_image(
-                    data, self.image_limits, f"image[{index}]", parsed.budget, factor
-                ),
-                prompt=prompt,
-                sampling=parsed.sampling,
+        """Decode, resize and encode every image of a request (runs on a worker thread)."""
+        generator = self.generator
+        assert generator is not None
+        rows = []
+        for index, (data, prompt) in enumerate(zip(parsed.images, parsed.prompts, strict=True)):
+            field = f"image[{index}]"
+            image = prepare_image(
+                data, self.image_limits, field, parsed.budget, generator.resize_factor
             )
-            for index, (data, prompt) in enumerate(zip(parsed.images, parsed.prompts, strict=True))
-        ]
+            inputs = generator.encode(image, prompt)
+            rows.append(Row(image, prompt, parsed.sampling, inputs=inputs))
+        return rows
 
     async def predict(
         self,

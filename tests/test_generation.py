@@ -145,3 +145,15 @@ def test_big_image_is_shrunk_to_the_budget(generator: Generator) -> None:
     big = Image.new("RGB", (2000, 1500))
     small = fit_to_budget(big, generator.default_budget, generator.resize_factor)
     assert small.width * small.height <= generator.default_budget.max_pixels
+
+
+def test_rows_encoded_ahead_merge_exactly_like_a_processor_batch(generator: Generator) -> None:
+    rows = rows_for(generator)
+    encoded = [
+        Row(r.image, r.prompt, r.sampling, inputs=generator.encode(r.image, r.prompt)) for r in rows
+    ]
+    batched, merged = generator._inputs(rows), generator._inputs(encoded)
+    assert sorted(batched) == sorted(merged)
+    for key in batched:
+        assert torch.equal(batched[key], merged[key]), key
+    assert generator.describe(encoded) == generator.describe(rows)
