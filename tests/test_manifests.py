@@ -203,6 +203,20 @@ def test_prod_pools_select_their_own_predictor_pods() -> None:
     route = find(objs, "HTTPRoute", "qwen-vl")
     weights = {r["name"]: r["weight"] for r in route["spec"]["rules"][0]["backendRefs"]}
     assert weights == {"qwen-vl-canary": 10, "qwen-vl": 90}
+    # Patches for the stable InferenceService must not reach the canary (and vice versa).
+    stable = find(objs, "InferenceService", "qwen-vl")
+    canary = find(objs, "InferenceService", "qwen-vl-canary")
+    assert (
+        stable["spec"]["predictor"]["minReplicas"],
+        stable["spec"]["predictor"]["maxReplicas"],
+    ) == (2, 6)
+    assert (
+        canary["spec"]["predictor"]["minReplicas"],
+        canary["spec"]["predictor"]["maxReplicas"],
+    ) == (1, 1)
+    assert "serving.kserve.io/autoscalerClass" not in canary["metadata"]["annotations"]
+    assert canary["spec"]["predictor"]["model"]["runtimeVersion"] == "0.1.1"
+    assert "runtimeVersion" not in stable["spec"]["predictor"]["model"]
 
 
 @pytest.mark.parametrize(
@@ -263,6 +277,13 @@ def test_prod_pools_select_their_own_predictor_pods() -> None:
                 "annotations"
             ].update({"serving.kserve.io/deploymentMode": "Standard"}),
             "canaryTrafficPercent does nothing in Standard mode",
+        ),
+        (
+            "prod",
+            lambda objs: find(objs, "InferenceService", "qwen-vl-canary")["metadata"][
+                "annotations"
+            ].update({"serving.kserve.io/autoscalerClass": "external"}),
+            "autoscalerClass external, no HPA",
         ),
     ],
 )

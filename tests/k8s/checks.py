@@ -72,8 +72,10 @@ def match_labels(selector: dict[str, Any]) -> dict[str, str]:
 
 
 def predictor_pod_labels(isvc: Obj) -> dict[str, str]:
-    """The labels of the predictor pods KServe creates for `isvc`."""
-    labels = dict(isvc["spec"]["predictor"].get("labels", {}))
+    """The labels of the predictor pods KServe creates for `isvc`: its own labels, the
+    predictor's `labels`, then KServe's."""
+    labels = dict(isvc["metadata"].get("labels", {}))
+    labels.update(isvc["spec"]["predictor"].get("labels", {}))
     labels[KSERVE_ISVC_LABEL] = name(isvc)
     labels[KSERVE_COMPONENT_LABEL] = "predictor"
     return labels
@@ -304,6 +306,13 @@ def autoscaler_metric_names(objs: list[Obj], adapter_rules: Path | None = None) 
 def check_autoscaling(objs: list[Obj]) -> list[str]:
     problems = []
     isvcs = by_name(objs, "InferenceService")
+    targets = {
+        h["spec"]["scaleTargetRef"]["name"] for h in of_kind(objs, "HorizontalPodAutoscaler")
+    }
+    for isvc in isvcs.values():
+        external = isvc["metadata"].get("annotations", {}).get(AUTOSCALER_CLASS) == "external"
+        if external and f"{name(isvc)}-predictor" not in targets:
+            problems.append(f"InferenceService/{name(isvc)}: autoscalerClass external, no HPA")
     for hpa in of_kind(objs, "HorizontalPodAutoscaler"):
         target = hpa["spec"]["scaleTargetRef"]["name"]
         owner = isvcs.get(target.removesuffix("-predictor"))
