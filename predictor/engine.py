@@ -36,38 +36,13 @@ from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field, replace
 
 import torch
-from grpc import StatusCode
-from grpc_interceptor.exceptions import GrpcException
-from kserve.errors import ServerNotReady
 
 from predictor import metrics
+from predictor.errors import DeadlineExceeded, QueueFull
 from predictor.generation import Generator, Row
 from predictor.protocol import Completion
 
 logger = logging.getLogger(__name__)
-RETRY_AFTER_S = 1
-
-
-class QueueFull(ServerNotReady):
-    """The queue is full: refuse now (503 + Retry-After, gRPC UNAVAILABLE), never time out."""
-
-    def __init__(self, waiting: int):
-        super().__init__()
-        # KServe's gRPC interceptor reads `reason`, its REST handler `str()`: set both.
-        self.error_msg = self.reason = (
-            f"server overloaded: {waiting} requests waiting; retry after {RETRY_AFTER_S} s"
-        )
-        self.retry_after_s = RETRY_AFTER_S
-
-
-class DeadlineExceeded(GrpcException):
-    """The request ran past --request_timeout_s (HTTP 504, gRPC DEADLINE_EXCEEDED)."""
-
-    status_code = StatusCode.DEADLINE_EXCEEDED
-
-    def __init__(self, timeout_s: float):
-        super().__init__(details=f"request did not finish within {timeout_s:g} s")
-        self.reason = self.details
 
 
 @dataclass(frozen=True)
@@ -289,8 +264,15 @@ class Engine:
             request.pending -= 1
             if request.pending == 0:
                 request.future.set_result(list(request.results))
+                self._count(request.results)
         except InvalidStateError:
             pass  # already failed, or cancelled by a caller that stopped waiting
+
+    def _count(self, completions: list[Completion | None]) -> None:
+        done = [c for c in completions if c is not None]
+        metrics.IMAGES.labels(self.model_name).inc(len(done))
+        metrics.GENERATED_TOKENS.labels(self.model_name).inc(sum(c.generated_tokens for c in done))
+        metrics.PROMPT_TOKENS.labels(self.model_name).inc(sum(c.prompt_tokens for c in done))
 
     def _fail(self, batch: list[_Slot], error: BaseException) -> None:
         for slot in batch:

@@ -7,7 +7,11 @@ gets the same status on every route without a second error table.
 
 from __future__ import annotations
 
-from kserve.errors import InvalidInput
+from grpc import StatusCode
+from grpc_interceptor.exceptions import GrpcException
+from kserve.errors import InvalidInput, ServerNotReady
+
+RETRY_AFTER_S = 1
 
 
 class InvalidRequest(InvalidInput):
@@ -20,3 +24,25 @@ class InvalidRequest(InvalidInput):
 
 class StartupError(RuntimeError):
     """The server cannot start with these settings (missing model, package or device)."""
+
+
+class QueueFull(ServerNotReady):
+    """The queue is full: refuse now (503 + Retry-After, gRPC UNAVAILABLE), never time out."""
+
+    def __init__(self, waiting: int):
+        super().__init__()
+        # KServe's gRPC interceptor reads `reason`, its REST handler `str()`: set both.
+        self.error_msg = self.reason = (
+            f"server overloaded: {waiting} requests waiting; retry after {RETRY_AFTER_S} s"
+        )
+        self.retry_after_s = RETRY_AFTER_S
+
+
+class DeadlineExceeded(GrpcException):
+    """The request ran past --request_timeout_s (HTTP 504, gRPC DEADLINE_EXCEEDED)."""
+
+    status_code = StatusCode.DEADLINE_EXCEEDED
+
+    def __init__(self, timeout_s: float):
+        super().__init__(details=f"request did not finish within {timeout_s:g} s")
+        self.reason = self.details

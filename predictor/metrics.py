@@ -7,7 +7,14 @@ the `qwen_vl_` prefix; Kubernetes manifests and dashboards refer to these exact 
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from kserve.errors import InvalidInput
 from prometheus_client import Counter, Gauge, Histogram
+
+from predictor.errors import DeadlineExceeded, QueueFull
 
 PREFIX = "qwen_vl"
 LABELS = ("model_name",)
@@ -94,3 +101,36 @@ def touch(model_name: str) -> None:
         TIME_TO_FIRST_TOKEN_SECONDS,
     ):
         collector.labels(model_name)
+
+
+@contextmanager
+def counted(model_name: str) -> Iterator[None]:
+    """Count the request run inside the block by its outcome (every route uses this)."""
+    try:
+        yield
+    except InvalidInput:
+        REQUESTS.labels(model_name, "invalid").inc()
+        raise
+    except QueueFull:
+        REQUESTS.labels(model_name, "rejected").inc()
+        raise
+    except DeadlineExceeded:
+        REQUESTS.labels(model_name, "timeout").inc()
+        raise
+    except asyncio.CancelledError:
+        REQUESTS.labels(model_name, "cancelled").inc()
+        raise
+    except Exception:
+        REQUESTS.labels(model_name, "error").inc()
+        raise
+    REQUESTS.labels(model_name, "success").inc()
+
+
+@contextmanager
+def counted_rejection(model_name: str) -> Iterator[None]:
+    """Count a refusal that happens before a request reaches `counted` (REST admission)."""
+    try:
+        yield
+    except QueueFull:
+        REQUESTS.labels(model_name, "rejected").inc()
+        raise

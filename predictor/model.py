@@ -15,12 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from kserve import Model
-from kserve.errors import InvalidInput
 from kserve.model import InferenceVerb
 from kserve.protocol.infer_type import InferRequest, InferResponse
 
 from predictor import metrics
-from predictor.engine import DeadlineExceeded, Engine, EngineConfig, QueueFull
+from predictor.engine import Engine, EngineConfig
 from predictor.errors import InvalidRequest
 from predictor.generation import Generator, Row
 from predictor.images import ImageLimits, PixelBudget, prepare_image
@@ -133,35 +132,14 @@ class QwenVLModel(Model):
         verb: InferenceVerb = InferenceVerb.PREDICT,
     ) -> Any:
         """KServe's request path, counted by outcome."""
-        try:
-            result = await super().__call__(body, headers=headers, verb=verb)
-        except InvalidInput:
-            metrics.REQUESTS.labels(self.name, "invalid").inc()
-            raise
-        except QueueFull:
-            metrics.REQUESTS.labels(self.name, "rejected").inc()
-            raise
-        except DeadlineExceeded:
-            metrics.REQUESTS.labels(self.name, "timeout").inc()
-            raise
-        except asyncio.CancelledError:
-            metrics.REQUESTS.labels(self.name, "cancelled").inc()
-            raise
-        except Exception:
-            metrics.REQUESTS.labels(self.name, "error").inc()
-            logger.exception("request failed on model %s", self.name)
-            raise
-        metrics.REQUESTS.labels(self.name, "success").inc()
-        return result
+        with metrics.counted(self.name):
+            return await super().__call__(body, headers=headers, verb=verb)
 
     def admit(self) -> None:
         """Refuse a new request at once if the engine's queue is full (503 / UNAVAILABLE)."""
         assert self.engine is not None, "admit before load"
-        try:
+        with metrics.counted_rejection(self.name):
             self.engine.check_capacity()
-        except QueueFull:
-            metrics.REQUESTS.labels(self.name, "rejected").inc()
-            raise
 
     def validate(self, payload: Any) -> Any:
         # KServe's default looks for an "inputs" key in dict payloads; ours is already checked.
@@ -210,9 +188,6 @@ class QwenVLModel(Model):
         started = time.perf_counter()
         completions = await self.engine.submit(payload.rows, arrived=payload.arrived)
         generate_ms = _ms(started)
-        metrics.IMAGES.labels(self.name).inc(len(completions))
-        metrics.GENERATED_TOKENS.labels(self.name).inc(sum(c.generated_tokens for c in completions))
-        metrics.PROMPT_TOKENS.labels(self.name).inc(sum(c.prompt_tokens for c in completions))
         logger.info(
             "request %s: %d images, %d tokens, decode %d ms, generate %d ms",
             payload.parsed.request_id,

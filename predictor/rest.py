@@ -24,8 +24,7 @@ from kserve.errors import ModelNotReady
 from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.infer_type import InferInput, InferRequest, RequestedOutput
 
-from predictor.engine import DeadlineExceeded, QueueFull
-from predictor.errors import InvalidRequest
+from predictor.errors import DeadlineExceeded, InvalidRequest, QueueFull
 from predictor.protocol import deserialize_bytes
 
 HEADER_LENGTH = "inference-header-content-length"

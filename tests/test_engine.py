@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from predictor import metrics
-from predictor.engine import DeadlineExceeded, Engine, EngineConfig, QueueFull
+from predictor.engine import Engine, EngineConfig
+from predictor.errors import DeadlineExceeded, QueueFull
 from predictor.generation import Generator, Row
 from predictor.images import fit_to_budget
 from predictor.loading import load_model
