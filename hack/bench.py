@@ -101,7 +101,7 @@ def bench_p1(server, model_dir: Path, picture: bytes, tokens: int, runs: int) ->
     limits = ImageLimits(settings.max_image_bytes, settings.max_decoded_pixels)
     budget = generator.default_budget
     image = prepare_image(picture, limits, "image", budget, generator.resize_factor)
-    row = Row(image, settings.default_prompt, SamplingParams(max_new_tokens=tokens))
+    row = Row.single(image, settings.default_prompt, SamplingParams(max_new_tokens=tokens))
     generator.describe([row])  # warm
     in_process = median_ms(lambda: generator.describe([row]), runs)
 
@@ -317,7 +317,7 @@ def gpu_run(args: argparse.Namespace) -> dict:
                 generator.resize_factor,
             )
             tokens = args.tokens
-            row = Row(image, "Describe this image.", SamplingParams(max_new_tokens=tokens))
+            row = Row.single(image, "Describe this image.", SamplingParams(max_new_tokens=tokens))
             generator.describe([row])
             single_ms = median_ms(lambda g=generator, r=row: g.describe([r]), 3)
             ttft_ms = _ttft_ms(generator, row)

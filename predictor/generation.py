@@ -1,6 +1,7 @@
 """Batched image description with a loaded Qwen-VL model: rows in, completions out.
 
-How rows share a `generate` call: `generate` takes one `GenerationConfig`, so rows are grouped
+A row is one conversation (for OIP v2: one image and its prompt). How rows share a call:
+`generate` takes one `GenerationConfig`, so rows are grouped
 by their sampling settings (temperature, top_p, top_k, repetition_penalty) and each group runs
 as one left-padded batch. `max_new_tokens` does not split groups: the batch runs to the largest
 limit and a per-row stopping criterion ends each row at its own (a finished row only receives
@@ -33,13 +34,22 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Row:
-    """One image to describe, already resized to its pixel budget (see `images.fit_to_budget`)."""
+    """One conversation to complete: chat messages whose `{"type": "image"}` parts stand for
+    `images`, in order. Images are already at their model-input size (`images.prepare_image`).
+    """
 
-    image: Image.Image
-    prompt: str
+    images: tuple[Image.Image, ...]
+    messages: tuple[dict[str, Any], ...]
     sampling: SamplingParams
     group: int = 0  # the request it belongs to; only matters for seeded rows
     inputs: dict[str, torch.Tensor] | None = field(default=None, compare=False)  # see encode()
+    on_text: TextSink | None = field(default=None, compare=False)  # streamed text deltas
+
+    @classmethod
+    def single(cls, image: Image.Image, prompt: str, sampling: SamplingParams, **kw: Any) -> Row:
+        """The OIP v2 case: one user turn, the image then the prompt."""
+        content = [{"type": "image"}, {"type": "text", "text": prompt}]
+        return cls((image,), ({"role": "user", "content": content},), sampling, **kw)
 
     @property
     def batch_key(self) -> tuple:
@@ -50,22 +60,88 @@ class Row:
 
 
 StopCheck = Callable[[], bool]
+TextSink = Callable[[str], None]
 # Processor outputs laid out along the token sequence (padded on the left when batching).
 _SEQUENCE_KEYS = {"input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids"}
 
 
-class _RowLimits(StoppingCriteria):
-    """Per-row stop: the row's own max_new_tokens, or its caller asking it to stop."""
+class _RowState:
+    """One row's output while it generates: its tokens, its text so far, why it ended."""
+
+    def __init__(self, generator: Generator, row: Row):
+        self.decode = generator.decode
+        self.stop_ids = generator.stop_token_ids
+        self.limit = row.sampling.max_new_tokens
+        self.stop_strings = row.sampling.stop
+        self.on_text = row.on_text
+        self.tokens: list[int] = []
+        self.generated = 0
+        self.finish_reason: str | None = None
+        self.text: str | None = None  # set when a stop string cut it
+        self.emitted = 0  # characters already sent to on_text
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def push(self, token: int) -> bool:
+        """Take the row's next token; True once the row has ended."""
+        if self.finished:
+            return True  # padding after the end
+        self.generated += 1
+        if token in self.stop_ids:
+            self.finish_reason = "stop"
+            return True
+        self.tokens.append(token)
+        if self.stop_strings or self.on_text:
+            self._follow_text()
+        if not self.finished and len(self.tokens) >= self.limit:
+            self.finish_reason = "length"
+        return self.finished
+
+    def _follow_text(self) -> None:
+        text = self.decode(self.tokens)
+        cut = min((i for i in (text.find(s) for s in self.stop_strings) if i >= 0), default=-1)
+        if cut >= 0:
+            self.text, self.finish_reason = text[:cut], "stop"
+            self._emit(self.text)
+            return
+        # Hold back an unfinished UTF-8 character and anything a stop string may start with.
+        safe = len(text.rstrip("\ufffd"))
+        for stop in self.stop_strings:
+            for size in range(min(len(stop) - 1, safe), 0, -1):
+                if text[safe - size : safe] == stop[:size]:
+                    safe -= size
+                    break
+        self._emit(text[:safe])
+
+    def _emit(self, text: str) -> None:
+        if self.on_text is not None and len(text) > self.emitted:
+            self.on_text(text[self.emitted :])
+            self.emitted = len(text)
+
+    def completion(self, prompt_tokens: int) -> Completion:
+        text = self.text if self.text is not None else self.decode(self.tokens)
+        self._emit(text)
+        return Completion(
+            text=text,
+            finish_reason=self.finish_reason or "length",
+            generated_tokens=self.generated,
+            prompt_tokens=prompt_tokens,
+        )
+
+
+class _RowTracker(StoppingCriteria):
+    """Called by `generate` after every token: feeds each row's state, ends rows that are done
+    (own max_new_tokens, stop token or string, or their caller asking them to stop)."""
 
     def __init__(
         self,
-        prompt_length: int,
-        limits: Sequence[int],
+        states: Sequence[_RowState],
         stop_checks: Sequence[StopCheck | None],
         on_step: Callable[[], None] | None,
     ):
-        self.prompt_length = prompt_length
-        self.limits = torch.tensor(limits)
+        self.states = states
         self.stop_checks = stop_checks
         self.on_step = on_step
 
@@ -74,12 +150,12 @@ class _RowLimits(StoppingCriteria):
     ) -> torch.Tensor:
         if self.on_step is not None:
             self.on_step()
-        generated = input_ids.shape[1] - self.prompt_length
-        done = self.limits.to(input_ids.device) <= generated
-        for index, check in enumerate(self.stop_checks):
-            if check is not None and check():
-                done[index] = True
-        return done
+        last = input_ids[:, -1].tolist()
+        done = [
+            state.push(token) or (check is not None and check())
+            for state, token, check in zip(self.states, last, self.stop_checks, strict=True)
+        ]
+        return torch.tensor(done, device=input_ids.device)
 
 
 class Generator:
@@ -148,15 +224,15 @@ class Generator:
                 results[index] = completion
         return [r for r in results if r is not None]
 
-    def _prompt_text(self, prompt: str) -> str:
-        messages = [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}
-        ]
+    def decode(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
+
+    def _prompt_text(self, row: Row) -> str:
         return self.processor.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
+            list(row.messages), tokenize=False, add_generation_prompt=True
         )
 
-    def encode(self, image: Image.Image, prompt: str) -> dict[str, torch.Tensor]:
+    def encode(self, row: Row) -> dict[str, torch.Tensor]:
         """One row's processor output (CPU tensors), computed ahead of its batch.
 
         Why: the processor's per-image work (normalising, patching, tokenising) then runs on
@@ -164,15 +240,16 @@ class Generator:
         on the engine's critical path. `merge` joins encoded rows exactly as the processor
         would have batched them.
         """
-        return dict(self._process([image], [prompt]))
+        return dict(self._process([row]))
 
-    def _process(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> Any:
+    def _process(self, rows: Sequence[Row]) -> Any:
         # Images arrive at their final size; a size range that contains every one of them keeps
         # the processor from resizing again (which would change the grid and cost time).
+        images = [image for row in rows for image in row.images]
         pixels = [image.width * image.height for image in images]
         return self.processor(
-            text=[self._prompt_text(prompt) for prompt in prompts],
-            images=list(images),
+            text=[self._prompt_text(row) for row in rows],
+            images=images,
             padding=True,
             return_tensors="pt",
             size={"shortest_edge": min(pixels), "longest_edge": max(pixels)},
@@ -197,7 +274,7 @@ class Generator:
         if all(row.inputs is not None for row in rows):
             inputs = self.merge([row.inputs for row in rows if row.inputs is not None])
         else:
-            inputs = self._process([row.image for row in rows], [row.prompt for row in rows])
+            inputs = self._process(rows)
         dtype = self.model.dtype
         return {
             key: value.to(self.device, dtype=dtype)
@@ -234,42 +311,28 @@ class Generator:
         on_step: Callable[[], None] | None,
     ) -> list[Completion]:
         inputs = self._inputs(rows)
-        limits = [row.sampling.max_new_tokens for row in rows]
-        sampling = replace(rows[0].sampling, max_new_tokens=max(limits))
+        states = [_RowState(self, row) for row in rows]
+        sampling = replace(rows[0].sampling, max_new_tokens=max(s.limit for s in states))
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
-        prompt_length = inputs["input_ids"].shape[1]
-        output = self.model.generate(
+        self.model.generate(
             **inputs,
             generation_config=self._generation_config(sampling),
-            stopping_criteria=StoppingCriteriaList(
-                [_RowLimits(prompt_length, limits, stop_checks, on_step)]
-            ),
+            stopping_criteria=StoppingCriteriaList([_RowTracker(states, stop_checks, on_step)]),
         )
         prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
-        new_tokens = output[:, prompt_length:].tolist()
-        return [
-            self._completion(tokens[:limit], int(n_prompt))
-            for tokens, limit, n_prompt in zip(new_tokens, limits, prompt_tokens, strict=True)
-        ]
+        return [state.completion(int(n)) for state, n in zip(states, prompt_tokens, strict=True)]
 
-    def _completion(self, tokens: list[int], prompt_tokens: int) -> Completion:
-        """Cut at the first stop token (rows that stopped early are padded after it)."""
-        stop_at = next((i for i, t in enumerate(tokens) if t in self.stop_token_ids), None)
-        if stop_at is None:
-            kept, finish_reason, generated = tokens, "length", len(tokens)
-        else:
-            kept, finish_reason, generated = tokens[:stop_at], "stop", stop_at + 1
-        text = self.tokenizer.decode(kept, skip_special_tokens=True)
-        return Completion(
-            text=text,
-            finish_reason=finish_reason,
-            generated_tokens=generated,
-            prompt_tokens=prompt_tokens,
-        )
+    def _completion(self, tokens: Sequence[int], row: Row, prompt_tokens: int = 0) -> Completion:
+        """The completion `tokens` would give `row` (what `generate` feeds the row's state)."""
+        state = _RowState(self, row)
+        for token in tokens:
+            if state.push(token):
+                break
+        return state.completion(prompt_tokens)
 
     def warm_up(self) -> None:
         """One short generation, so the first client does not pay for lazy initialisation."""
         gray = Image.new("RGB", (256, 256), (128, 128, 128))
         image = fit_to_budget(gray, self.default_budget, self.resize_factor)
-        self.describe([Row(image, "Describe this image.", SamplingParams(max_new_tokens=2))])
+        self.describe([Row.single(image, "Describe this image.", SamplingParams(max_new_tokens=2))])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from kserve import Model
@@ -174,8 +174,8 @@ class QwenVLModel(Model):
             image = prepare_image(
                 data, self.image_limits, field, parsed.budget, generator.resize_factor
             )
-            inputs = generator.encode(image, prompt)
-            rows.append(Row(image, prompt, parsed.sampling, inputs=inputs))
+            row = Row.single(image, prompt, parsed.sampling)
+            rows.append(replace(row, inputs=generator.encode(row)))
         return rows
 
     async def predict(

@@ -28,6 +28,7 @@ class SamplingParams:
     top_k: int = 0
     repetition_penalty: float = 1.0
     seed: int | None = None
+    stop: tuple[str, ...] = ()  # strings that end the text (not included in it)
 
     @property
     def greedy(self) -> bool:

@@ -39,7 +39,7 @@ class RecordingGenerator:
 
 class PoisonedGenerator(RecordingGenerator):
     def describe(self, rows, stop_checks=None, on_step=None):
-        if any(row.prompt == POISON for row in rows):
+        if any(row.messages[-1]["content"][-1]["text"] == POISON for row in rows):
             self.batches.append(len(rows))
             raise RuntimeError("injected failure")
         return super().describe(rows, stop_checks, on_step)
@@ -57,7 +57,7 @@ def make_rows(
     budget, factor = generator.default_budget, generator.resize_factor
     colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (250, 250, 0), (0, 0, 0), (90, 90, 90)]
     return [
-        Row(
+        Row.single(
             fit_to_budget(images.solid((64 + 8 * i, 64), colors[i % len(colors)]), budget, factor),
             prompt,
             SamplingParams(max_new_tokens=max_new_tokens),

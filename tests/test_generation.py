@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,7 @@ def rows_for(generator: Generator, sampling: SamplingParams = GREEDY) -> list[Ro
     ]
     prompts = ["Describe this image.", "What colour is it?", "Write one word."]
     return [
-        Row(fit_to_budget(p, budget, factor), prompt, sampling)
+        Row.single(fit_to_budget(p, budget, factor), prompt, sampling)
         for p, prompt in zip(pictures, prompts, strict=True)
     ]
 
@@ -45,11 +46,9 @@ def rows_for(generator: Generator, sampling: SamplingParams = GREEDY) -> list[Ro
 def reference_greedy(generator: Generator, row: Row) -> str:
     """Plain transformers, the way its model cards show: chat template, processor, generate."""
     processor, model = generator.processor, generator.model
-    messages = [
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": row.prompt}]}
-    ]
+    messages = list(row.messages)
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    inputs = processor(text=[text], images=[row.image], return_tensors="pt")
+    inputs = processor(text=[text], images=list(row.images), return_tensors="pt")
     with torch.inference_mode():
         output = model.generate(
             **inputs, max_new_tokens=row.sampling.max_new_tokens, do_sample=False
@@ -91,9 +90,9 @@ def test_fixed_seed_reproduces_and_other_seed_differs(generator: Generator) -> N
 def test_rows_with_different_limits_each_stop_at_their_own(generator: Generator) -> None:
     rows = rows_for(generator)
     mixed = [
-        Row(rows[0].image, rows[0].prompt, SamplingParams(max_new_tokens=3)),
-        Row(rows[1].image, rows[1].prompt, SamplingParams(max_new_tokens=6)),
-        Row(rows[2].image, rows[2].prompt, SamplingParams(max_new_tokens=3)),
+        replace(rows[0], sampling=SamplingParams(max_new_tokens=3)),
+        replace(rows[1], sampling=SamplingParams(max_new_tokens=6)),
+        replace(rows[2], sampling=SamplingParams(max_new_tokens=3)),
     ]
     completions = generator.describe(mixed)
     assert [c.generated_tokens for c in completions] == [3, 6, 3]
@@ -103,7 +102,8 @@ def test_rows_with_different_limits_each_stop_at_their_own(generator: Generator)
 def test_stop_token_ends_a_completion(generator: Generator) -> None:
     stop = generator.stop_token_ids[0]
     words = generator.tokenizer.encode("a red car")
-    completion = generator._completion([*words, stop, stop, stop], prompt_tokens=30)
+    row = rows_for(generator)[0]
+    completion = generator._completion([*words, stop, stop, stop], row, prompt_tokens=30)
     assert (completion.text, completion.finish_reason) == ("a red car", "stop")
     assert completion.generated_tokens == len(words) + 1
 
@@ -116,9 +116,10 @@ def test_processor_keeps_the_pre_resized_grid(generator: Generator) -> None:
     """Images resized by the predictor reach the model at exactly the processor's grid."""
     image = images.gradient((300, 200))
     budget, factor = generator.default_budget, generator.resize_factor
-    fast = generator._inputs([Row(fit_to_budget(image, budget, factor), "x", GREEDY)])
+    row = Row.single(fit_to_budget(image, budget, factor), "x", GREEDY)
+    fast = generator._inputs([row])
     slow = generator.processor(
-        text=[generator._prompt_text("x")], images=[image], return_tensors="pt"
+        text=[generator._prompt_text(row)], images=[image], return_tensors="pt"
     )
     assert fast["image_grid_thw"].tolist() == slow["image_grid_thw"].tolist()
 
@@ -130,11 +131,10 @@ def test_draft_path_matches_the_slow_path_grid(generator: Generator, exif) -> No
     photo = images.encode(images.gradient((3000, 2000)), "JPEG", **({"exif": exif} if exif else {}))
     limits = ImageLimits(max_bytes=50_000_000, max_decoded_pixels=50_000_000)
     budget, factor = generator.default_budget, generator.resize_factor
-    fast = generator._inputs(
-        [Row(prepare_image(photo, limits, "image", budget, factor), "x", GREEDY)]
-    )
+    row = Row.single(prepare_image(photo, limits, "image", budget, factor), "x", GREEDY)
+    fast = generator._inputs([row])
     slow = generator.processor(
-        text=[generator._prompt_text("x")],
+        text=[generator._prompt_text(row)],
         images=[load_image(photo, limits, "image")],
         return_tensors="pt",
     )
@@ -149,9 +149,7 @@ def test_big_image_is_shrunk_to_the_budget(generator: Generator) -> None:
 
 def test_rows_encoded_ahead_merge_exactly_like_a_processor_batch(generator: Generator) -> None:
     rows = rows_for(generator)
-    encoded = [
-        Row(r.image, r.prompt, r.sampling, inputs=generator.encode(r.image, r.prompt)) for r in rows
-    ]
+    encoded = [replace(r, inputs=generator.encode(r)) for r in rows]
     batched, merged = generator._inputs(rows), generator._inputs(encoded)
     assert sorted(batched) == sorted(merged)
     for key in batched:

@@ -24,7 +24,7 @@ def describe(settings: Settings, static_cache: bool = False) -> list:
     loaded = load_model(settings)
     generator = Generator(loaded.model, loaded.processor, static_cache=static_cache)
     image = fit_to_budget(images.gradient((128, 96)), generator.default_budget, 32)
-    rows = [Row(image, "Describe this image.", SamplingParams(max_new_tokens=8))] * 2
+    rows = [Row.single(image, "Describe this image.", SamplingParams(max_new_tokens=8))] * 2
     return generator.describe(rows)
 
 
