@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,19 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda":
         raise StartupError("--device cuda was asked for, but no CUDA device is visible")
     return torch.device("cpu")
+
+
+def cpu_threads(requested: int) -> int:
+    """Torch threads on the CPU: as asked, or every usable core but one.
+
+    Why leave one: the engine's generate saturates every torch thread, and the event loop,
+    gRPC threads and image decoding then wait for a core; on small machines that turns a
+    quick 503 or health check into a slow one, and small batches run slower on more threads.
+    """
+    if requested:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) - 1)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -120,6 +134,8 @@ def load_model(settings: Settings) -> LoadedModel:
     if settings.compile and device.type != "cuda":
         raise StartupError(f"--compile needs a CUDA device; this one is {device}")
     model_type = check_architecture(source)
+    if device.type == "cpu":
+        torch.set_num_threads(cpu_threads(settings.cpu_threads))
     logger.info(
         "loading %s (%s) on %s as %s, quantization %s",
         source.path_or_id,

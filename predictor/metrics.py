@@ -103,27 +103,34 @@ def touch(model_name: str) -> None:
         collector.labels(model_name)
 
 
+def outcome_of(error: BaseException | None) -> str:
+    """The `outcome` label of a request that ended with `error` (None: it succeeded)."""
+    if error is None:
+        return "success"
+    for kind, outcome in (
+        (InvalidInput, "invalid"),
+        (QueueFull, "rejected"),
+        (DeadlineExceeded, "timeout"),
+        (asyncio.CancelledError, "cancelled"),
+    ):
+        if isinstance(error, kind):
+            return outcome
+    return "error"
+
+
+def count_request(model_name: str, error: BaseException | None) -> None:
+    REQUESTS.labels(model_name, outcome_of(error)).inc()
+
+
 @contextmanager
 def counted(model_name: str) -> Iterator[None]:
     """Count the request run inside the block by its outcome (every route uses this)."""
     try:
         yield
-    except InvalidInput:
-        REQUESTS.labels(model_name, "invalid").inc()
+    except BaseException as error:
+        count_request(model_name, error)
         raise
-    except QueueFull:
-        REQUESTS.labels(model_name, "rejected").inc()
-        raise
-    except DeadlineExceeded:
-        REQUESTS.labels(model_name, "timeout").inc()
-        raise
-    except asyncio.CancelledError:
-        REQUESTS.labels(model_name, "cancelled").inc()
-        raise
-    except Exception:
-        REQUESTS.labels(model_name, "error").inc()
-        raise
-    REQUESTS.labels(model_name, "success").inc()
+    count_request(model_name, None)
 
 
 @contextmanager
@@ -131,6 +138,6 @@ def counted_rejection(model_name: str) -> Iterator[None]:
     """Count a refusal that happens before a request reaches `counted` (REST admission)."""
     try:
         yield
-    except QueueFull:
-        REQUESTS.labels(model_name, "rejected").inc()
+    except QueueFull as error:
+        count_request(model_name, error)
         raise

@@ -48,6 +48,11 @@ class Settings:
     max_decoded_pixels: int = 50_000_000
     warmup: bool = True
     compile: bool = False
+    cpu_threads: int = 0
+    served_model_aliases: tuple[str, ...] = ()
+    allow_remote_images: bool = False
+    remote_image_hosts: tuple[str, ...] = ()
+    remote_image_timeout_s: float = 10.0
     max_batch_size: int = 16
     batch_wait_ms: float = 5.0
     max_queue_size: int = 64
@@ -78,8 +83,12 @@ class Settings:
                 raise ValueError(f"--{name} must be at least 1")
         if self.max_new_tokens > self.max_new_tokens_limit:
             raise ValueError("--max_new_tokens must not exceed --max_new_tokens_limit")
+        if self.cpu_threads < 0:
+            raise ValueError("--cpu_threads must be 0 (automatic) or more")
         if self.batch_wait_ms < 0 or self.request_timeout_s <= 0:
             raise ValueError("--batch_wait_ms must be >= 0 and --request_timeout_s > 0")
+        if self.remote_image_timeout_s <= 0:
+            raise ValueError("--remote_image_timeout_s must be positive")
         if not self.model_name:
             raise ValueError("--model_name must not be empty")
 
@@ -97,6 +106,10 @@ def _bool(text: str) -> bool:
     if lowered in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
 def _optional(text: str) -> str | None:
@@ -174,6 +187,14 @@ def build_parser(parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.Ar
         "that compiles (minutes for an 8B model)",
     )
 
+    runtime.add_argument(
+        "--cpu_threads",
+        type=int,
+        default=_env("cpu_threads", d.cpu_threads, int),
+        help="torch threads when running on the CPU; 0: all cores but one, which is left to "
+        "the HTTP and gRPC servers and image decoding",
+    )
+
     engine = parser.add_argument_group("batching engine")
     engine.add_argument(
         "--max_batch_size",
@@ -198,6 +219,33 @@ def build_parser(parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.Ar
         type=float,
         default=_env("request_timeout_s", d.request_timeout_s, float),
         help="a request's total time limit (504 / DEADLINE_EXCEEDED past it)",
+    )
+
+    openai = parser.add_argument_group("OpenAI chat completions")
+    openai.add_argument(
+        "--served_model_aliases",
+        type=_names,
+        default=_env("served_model_aliases", d.served_model_aliases, _names),
+        help="comma-separated extra names the `model` field may use besides --model_name",
+    )
+    openai.add_argument(
+        "--allow_remote_images",
+        type=_bool,
+        default=_env("allow_remote_images", d.allow_remote_images, _bool),
+        help="fetch http(s) image URLs (otherwise only data: URLs are accepted)",
+    )
+    openai.add_argument(
+        "--remote_image_hosts",
+        type=_names,
+        default=_env("remote_image_hosts", d.remote_image_hosts, _names),
+        help="comma-separated hosts remote images may come from (a leading dot admits "
+        "subdomains); empty: any host",
+    )
+    openai.add_argument(
+        "--remote_image_timeout_s",
+        type=float,
+        default=_env("remote_image_timeout_s", d.remote_image_timeout_s, float),
+        help="time limit for fetching one remote image",
     )
 
     requests = parser.add_argument_group("request defaults and limits")
