@@ -45,6 +45,23 @@ from predictor.protocol import Completion
 logger = logging.getLogger(__name__)
 
 
+# How long a batch about to start waits for admitted requests still decoding their images.
+DECODING_WAIT_S = 0.1
+
+
+class Reservation:
+    """A place in the queue held while a request decodes its images; release exactly once."""
+
+    def __init__(self, engine: Engine):
+        self._engine = engine
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._engine._release()
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     max_batch_size: int = 16
@@ -100,15 +117,25 @@ class Engine:
         self._lock = threading.Condition()
         self._stopped = False
         self._group = 0
+        self._reserved = 0  # admitted requests still decoding their images
         self._thread = threading.Thread(target=self._work, name="qwen-vl-engine", daemon=True)
         self._thread.start()
 
     # ---- the asyncio side -------------------------------------------------------------
 
-    async def submit(self, rows: Sequence[Row], arrived: float | None = None) -> list[Completion]:
+    async def submit(
+        self,
+        rows: Sequence[Row],
+        arrived: float | None = None,
+        reservation: Reservation | None = None,
+    ) -> list[Completion]:
         """Queue the rows of one request and wait for all their completions."""
         arrived = time.monotonic() if arrived is None else arrived
-        request = self._enqueue(list(rows), arrived)
+        try:
+            request = self._enqueue(list(rows), arrived)
+        finally:
+            if reservation is not None:
+                reservation.release()
         remaining = request.deadline - time.monotonic()
         try:
             return await asyncio.wait_for(asyncio.wrap_future(request.future), remaining)
@@ -122,9 +149,27 @@ class Engine:
     def check_capacity(self) -> None:
         """Refuse now if the queue is full, before the caller spends time decoding images."""
         with self._lock:
-            if len(self._waiting) >= self.config.max_queue_size:
-                metrics.REJECTED.labels(self.model_name).inc()
-                raise QueueFull(len(self._waiting))
+            self._refuse_if_full()
+
+    def reserve(self) -> Reservation:
+        """Admit a request that is still being decoded: it counts against the queue bound, and
+        a batch about to start waits a little for it (see `_next_batch`)."""
+        with self._lock:
+            self._refuse_if_full()
+            self._reserved += 1
+        return Reservation(self)
+
+    def _release(self) -> None:
+        with self._lock:
+            self._reserved -= 1
+            self._lock.notify()
+
+    def _refuse_if_full(self) -> None:
+        """Called with the lock held."""
+        waiting = len(self._waiting) + self._reserved
+        if waiting >= self.config.max_queue_size:
+            metrics.REJECTED.labels(self.model_name).inc()
+            raise QueueFull(waiting)
 
     def _enqueue(self, rows: list[Row], arrived: float) -> _Request:
         with self._lock:
@@ -170,10 +215,15 @@ class Engine:
                 self._lock.wait()
             if self._stopped:
                 return None
-            window_ends = time.monotonic() + self.config.batch_wait_ms / 1000
-            while len(self._queue) < self.config.max_batch_size:
-                left = window_ends - time.monotonic()
-                if left <= 0 or self._stopped:
+            started = time.monotonic()
+            window_ends = started + self.config.batch_wait_ms / 1000
+            decoding_ends = started + DECODING_WAIT_S
+            while len(self._queue) < self.config.max_batch_size and not self._stopped:
+                # Requests already admitted but still decoding images are worth a short wait:
+                # otherwise a burst splits into a small batch and a long wait for the rest.
+                ends = decoding_ends if self._reserved else window_ends
+                left = ends - time.monotonic()
+                if left <= 0:
                     break
                 self._lock.wait(left)
             batch = [

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -19,7 +20,7 @@ from kserve.model import InferenceVerb
 from kserve.protocol.infer_type import InferRequest, InferResponse
 
 from predictor import metrics
-from predictor.engine import Engine, EngineConfig
+from predictor.engine import Engine, EngineConfig, Reservation
 from predictor.errors import InvalidRequest
 from predictor.generation import Generator, Row
 from predictor.images import ImageLimits, PixelBudget, prepare_image
@@ -36,6 +37,8 @@ from predictor.protocol import (
 from predictor.settings import Settings
 
 logger = logging.getLogger(__name__)
+# The queue place of the request being served (set in __call__, used by predict).
+_RESERVATION: ContextVar[Reservation | None] = ContextVar("reservation", default=None)
 
 
 @dataclass
@@ -73,6 +76,7 @@ class QwenVLModel(Model):
         )
         self.generator: Generator | None = None
         self.engine: Engine | None = None
+        self.loaded_at = 0.0  # time.time() when the model became ready
         self.limits: RequestLimits | None = None
         metrics.touch(self.name)
 
@@ -97,6 +101,7 @@ class QwenVLModel(Model):
             ),
         )
         self.ready = True
+        self.loaded_at = time.time()
         logger.info("model %s ready in %d ms", self.name, _ms(started))
         return self.ready
 
@@ -131,9 +136,17 @@ class QwenVLModel(Model):
         headers: dict[str, str] | None = None,
         verb: InferenceVerb = InferenceVerb.PREDICT,
     ) -> Any:
-        """KServe's request path, counted by outcome."""
+        """KServe's request path, counted by outcome, holding a place in the engine's queue
+        from before its images are decoded (a full queue refuses it right here)."""
         with metrics.counted(self.name):
-            return await super().__call__(body, headers=headers, verb=verb)
+            assert self.engine is not None, "called before load"
+            reservation = self.engine.reserve()
+            token = _RESERVATION.set(reservation)
+            try:
+                return await super().__call__(body, headers=headers, verb=verb)
+            finally:
+                reservation.release()
+                _RESERVATION.reset(token)
 
     def admit(self) -> None:
         """Refuse a new request at once if the engine's queue is full (503 / UNAVAILABLE)."""
@@ -154,8 +167,6 @@ class QwenVLModel(Model):
             )
         assert self.limits is not None, "preprocess before load"
         arrived = time.monotonic()
-        assert self.engine is not None, "preprocess before load"
-        self.engine.check_capacity()  # before decoding: overload must cost almost nothing
         parsed = parse_infer_request(payload, self.limits, self.settings.default_prompt)
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
@@ -186,7 +197,9 @@ class QwenVLModel(Model):
     ) -> DescribedRequest:
         assert self.engine is not None, "predict before load"
         started = time.perf_counter()
-        completions = await self.engine.submit(payload.rows, arrived=payload.arrived)
+        completions = await self.engine.submit(
+            payload.rows, arrived=payload.arrived, reservation=_RESERVATION.get(None)
+        )
         generate_ms = _ms(started)
         logger.info(
             "request %s: %d images, %d tokens, decode %d ms, generate %d ms",

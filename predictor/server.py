@@ -58,6 +58,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     from kserve import model_server as kserve_server
 
     from predictor.model import QwenVLModel
+    from predictor.openai.image_urls import RemotePolicy
+    from predictor.openai.router import register_openai_routes
+    from predictor.openai.serving import ChatService
     from predictor.rest import register_infer_routes
 
     parser = build_parser(parents=[kserve_server.parser])
@@ -97,6 +100,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         timeout_keep_alive=args.timeout_keep_alive,
     )
     register_infer_routes(kserve_server.app, server.dataplane, request_bytes_limit(settings))
+    remote = RemotePolicy(
+        allowed=settings.allow_remote_images,
+        hosts=settings.remote_image_hosts,
+        timeout_s=settings.remote_image_timeout_s,
+        max_bytes=settings.max_image_bytes,
+    )
+    chat = ChatService(model, settings.served_model_aliases, remote)
+    register_openai_routes(kserve_server.app, chat)
     server.start([model])
 
 

@@ -1,0 +1,255 @@
+"""Chat completions on the shared engine: validation, conversion to a `Row`, results.
+
+No web framework here: the router turns what this module returns into JSON or SSE. Images go
+through the same `predictor.images` checks as the v2 protocol, parameters through the same
+`predictor.params` limits, and generation through the same engine, so a chat request and an
+OIP v2 request can share one batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from pydantic import ValidationError
+
+from predictor.engine import Reservation
+from predictor.errors import InvalidRequest
+from predictor.generation import Row
+from predictor.images import ImageLimits, prepare_image
+from predictor.openai.image_urls import RemotePolicy, fetch_image_url
+from predictor.openai.protocol import ChatCompletionRequest, Message, Usage
+from predictor.params import parse_generation_params
+from predictor.protocol import Completion
+
+MAX_STOP_STRINGS = 4  # OpenAI's own limit
+# Our parameter names in errors, as the OpenAI request calls them.
+_OPENAI_NAMES = {"max_new_tokens": "max_tokens"}
+
+
+class UnknownModel(Exception):
+    """The request's `model` is not served here (404)."""
+
+    def __init__(self, name: str, served: tuple[str, ...]):
+        super().__init__(f"The model '{name}' does not exist; this server serves {list(served)}")
+        self.name = name
+
+
+@dataclass(frozen=True)
+class ChatCall:
+    """A validated chat request, ready for the engine."""
+
+    request: ChatCompletionRequest
+    row: Row
+    id: str
+    created: int
+    arrived: float
+    reservation: Reservation
+
+
+def parse_request(body: bytes) -> ChatCompletionRequest:
+    """The request body, or an `InvalidRequest` naming the offending field."""
+    try:
+        return ChatCompletionRequest.model_validate_json(body)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        location = ".".join(str(part) for part in error["loc"]) or "body"
+        if error["type"] == "extra_forbidden":
+            raise InvalidRequest(location, "unknown or unsupported parameter") from None
+        if error["type"] == "json_invalid":
+            raise InvalidRequest("body", f"is not valid JSON ({error['msg']})") from None
+        raise InvalidRequest(location, error["msg"]) from None
+
+
+class ChatService:
+    """Everything the chat routes do that is not HTTP."""
+
+    def __init__(self, model: Any, aliases: tuple[str, ...], remote: RemotePolicy):
+        self.model = model  # the loaded QwenVLModel: engine, generator, limits, settings
+        self.names = (model.name, *aliases)
+        self.remote = remote
+
+    @property
+    def model_name(self) -> str:
+        return self.model.name
+
+    def check_model(self, name: str) -> None:
+        if name not in self.names:
+            raise UnknownModel(name, self.names)
+
+    def admit(self) -> Reservation:
+        """A place in the engine's queue for the request about to be decoded (or 503)."""
+        return self.model.engine.reserve()
+
+    async def prepare(self, request: ChatCompletionRequest, reservation: Reservation) -> ChatCall:
+        """Validate parameters, fetch and decode images, encode the conversation."""
+        arrived = time.monotonic()
+        sampling = self._sampling(request)
+        messages, urls = self._conversation(request.messages)
+        settings = self.model.settings
+        limits = ImageLimits(settings.max_image_bytes, settings.max_decoded_pixels)
+        images = [await fetch_image_url(url, self.remote, field) for field, url in urls]
+        loop = asyncio.get_running_loop()
+        row = await loop.run_in_executor(
+            None, self._encode_row, messages, images, [f for f, _ in urls], limits, sampling
+        )
+        chat_id = f"chatcmpl-{uuid.uuid4().hex}"
+        return ChatCall(request, row, chat_id, int(time.time()), arrived, reservation)
+
+    def _sampling(self, request: ChatCompletionRequest):
+        if request.n not in (None, 1):
+            raise InvalidRequest("n", "only n = 1 is supported")
+        if request.stream_options is not None and not request.stream:
+            raise InvalidRequest("stream_options", "is only allowed when stream is true")
+        tokens_field = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
+        params = {
+            "max_new_tokens": request.max_completion_tokens or request.max_tokens,
+            "temperature": request.temperature,
+            "top_p": request.top_p,
+            "seed": request.seed,
+        }
+        try:
+            sampling, _ = parse_generation_params(
+                {k: v for k, v in params.items() if v is not None}, self.model.limits
+            )
+        except InvalidRequest as exc:
+            field = tokens_field if exc.field == "max_new_tokens" else exc.field
+            raise InvalidRequest(field, str(exc).split(": ", 1)[1]) from None
+        stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+        if len(stop) > MAX_STOP_STRINGS or any(not s for s in stop):
+            raise InvalidRequest("stop", f"takes up to {MAX_STOP_STRINGS} non-empty strings")
+        return replace(sampling, stop=tuple(stop))
+
+    def _conversation(
+        self, messages: list[Message]
+    ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+        """Chat-template messages with image placeholders, and (field, url) of each image."""
+        converted: list[dict[str, Any]] = []
+        urls: list[tuple[str, str]] = []
+        for i, message in enumerate(messages):
+            if isinstance(message.content, str):
+                converted.append({"role": message.role, "content": message.content})
+                continue
+            content: list[dict[str, Any]] = []
+            for j, part in enumerate(message.content):
+                if part.type == "text":
+                    content.append({"type": "text", "text": part.text})
+                    continue
+                field = f"messages.{i}.content.{j}.image_url.url"
+                if message.role != "user":
+                    raise InvalidRequest(field, "images are only accepted in user messages")
+                content.append({"type": "image"})
+                urls.append((field, part.image_url.url))
+            converted.append({"role": message.role, "content": content})
+        limit = self.model.settings.max_images_per_request
+        if not urls:
+            raise InvalidRequest("messages", "must contain at least one image_url part")
+        if len(urls) > limit:
+            raise InvalidRequest(
+                "messages", f"hold {len(urls)} images, more than the limit of {limit}"
+            )
+        return converted, urls
+
+    def _encode_row(self, messages, images, fields, limits, sampling) -> Row:
+        generator = self.model.generator
+        budget = self.model.limits.default_budget
+        prepared = tuple(
+            prepare_image(data, limits, field, budget, generator.resize_factor)
+            for data, field in zip(images, fields, strict=True)
+        )
+        row = Row(prepared, tuple(messages), sampling)
+        return replace(row, inputs=generator.encode(row))
+
+    async def complete(self, call: ChatCall) -> Completion:
+        (completion,) = await self.model.engine.submit(
+            [call.row], arrived=call.arrived, reservation=call.reservation
+        )
+        return completion
+
+    def response(self, call: ChatCall, completion: Completion) -> dict[str, Any]:
+        return {
+            "id": call.id,
+            "object": "chat.completion",
+            "created": call.created,
+            "model": call.request.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": completion.text},
+                    "finish_reason": completion.finish_reason,
+                    "logprobs": None,
+                }
+            ],
+            "usage": usage(completion).model_dump(),
+        }
+
+    async def stream(self, call: ChatCall) -> AsyncIterator[dict[str, Any]]:
+        """Chunks in OpenAI's order: the role, content deltas, the finish reason, [usage].
+
+        Deltas come from the engine thread as the row generates, even inside a batch.
+        """
+        loop = asyncio.get_running_loop()
+        deltas: asyncio.Queue[str] = asyncio.Queue()
+        sink: Callable[[str], None] = lambda text: loop.call_soon_threadsafe(  # noqa: E731
+            deltas.put_nowait, text
+        )
+        streamed = replace(call, row=replace(call.row, on_text=sink))
+        task = asyncio.ensure_future(self.complete(streamed))
+        try:
+            yield self._chunk(call, {"role": "assistant", "content": ""})
+            while True:
+                getter = asyncio.ensure_future(deltas.get())
+                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    break
+                yield self._chunk(call, {"content": getter.result()})
+            while not deltas.empty():
+                yield self._chunk(call, {"content": deltas.get_nowait()})
+            completion = task.result()
+            yield self._chunk(call, {}, finish_reason=completion.finish_reason)
+            options = call.request.stream_options
+            if options is not None and options.include_usage:
+                final = self._chunk(call, None)
+                final["usage"] = usage(completion).model_dump()
+                yield final
+        finally:
+            if not task.done():
+                task.cancel()
+
+    def _chunk(
+        self, call: ChatCall, delta: dict[str, Any] | None, finish_reason: str | None = None
+    ) -> dict[str, Any]:
+        choices = (
+            []
+            if delta is None
+            else [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
+        )
+        return {
+            "id": call.id,
+            "object": "chat.completion.chunk",
+            "created": call.created,
+            "model": call.request.model,
+            "choices": choices,
+        }
+
+    def models(self) -> dict[str, Any]:
+        created = int(self.model.loaded_at)
+        cards = [
+            {"id": name, "object": "model", "created": created, "owned_by": "qwen-vl-predictor"}
+            for name in self.names
+        ]
+        # "models" keeps KServe's v1 list-models answer for clients of GET /v1/models.
+        return {"object": "list", "data": cards, "models": list(self.names)}
+
+
+def usage(completion: Completion) -> Usage:
+    return Usage(
+        prompt_tokens=completion.prompt_tokens,
+        completion_tokens=completion.generated_tokens,
+        total_tokens=completion.prompt_tokens + completion.generated_tokens,
+    )
