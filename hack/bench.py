@@ -122,6 +122,23 @@ def bench_p1(server, model_dir: Path, picture: bytes, tokens: int, runs: int) ->
     return {"ratio": ratio, "rest_ms": rest_ms, "in_process_ms": in_process, "tokens": tokens}
 
 
+def full_length_pictures(server, tokens: int, want: int = 4) -> list[bytes]:
+    """Pictures the random model describes with exactly `tokens` tokens (it never emits its
+    end-of-turn token for them). Fixed output lengths make 1 client and 16 clients do the same
+    work, as vLLM's benchmarks do with `ignore_eos`; otherwise a batch waits for its longest
+    row while a lone request may stop early, and the ratio measures the random model."""
+    found: list[bytes] = []
+    for seed in range(64):
+        picture = jpeg_bytes(photo(640, 480, seed=seed))
+        reply = httpx.post(server.infer_url, json=infer_body(picture, tokens), timeout=120)
+        outputs = {o["name"]: o["data"] for o in reply.json()["outputs"]}
+        if outputs["finish_reason"] == ["length"]:
+            found.append(picture)
+            if len(found) == want:
+                return found
+    raise SystemExit(f"only {len(found)} of 64 pictures ran to {tokens} tokens")
+
+
 # ---- P2: batching throughput ------------------------------------------------------------
 
 
@@ -150,20 +167,42 @@ def run_clients(url: str, bodies: list[dict], clients: int) -> tuple[float, list
     return time.perf_counter() - started, statuses
 
 
+def batch_counts(server) -> tuple[float, float]:
+    """(rows, generate calls) so far, from the server's qwen_vl_batch_size histogram."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values = {}
+    for family in text_string_to_metric_families(httpx.get(f"{server.url}/metrics").text):
+        for sample in family.samples:
+            if sample.name in ("qwen_vl_batch_size_sum", "qwen_vl_batch_size_count"):
+                values[sample.name] = sample.value
+    return values.get("qwen_vl_batch_size_sum", 0.0), values.get("qwen_vl_batch_size_count", 0.0)
+
+
 def bench_p2(server, pictures: list[bytes], tokens: int, per_client: int) -> dict:
     bodies = [infer_body(p, tokens) for p in pictures]
     single = [bodies[i % len(bodies)] for i in range(per_client * 2)]
     seconds_1, statuses_1 = run_clients(server.infer_url, single, 1)
     many = [bodies[i % len(bodies)] for i in range(16 * per_client)]
+    rows_before, calls_before = batch_counts(server)
     seconds_16, statuses_16 = run_clients(server.infer_url, many, 16)
+    rows_after, calls_after = batch_counts(server)
+    mean_batch = (rows_after - rows_before) / max(1.0, calls_after - calls_before)
     assert set(statuses_1) == {200} and set(statuses_16) == {200}, (statuses_1, statuses_16)
     rps_1, rps_16 = len(single) / seconds_1, len(many) / seconds_16
     ratio = rps_16 / rps_1
     print(
         f"P2  throughput 16 clients / 1 client: {ratio:.2f}  "
-        f"({rps_16:.2f} vs {rps_1:.2f} requests/s, {tokens} tokens each)  {verdict('P2', ratio)}"
+        f"({rps_16:.2f} vs {rps_1:.2f} requests/s, {tokens} tokens each, mean batch "
+        f"{mean_batch:.1f} rows)  {verdict('P2', ratio)}"
     )
-    return {"ratio": ratio, "rps_16": rps_16, "rps_1": rps_1, "tokens": tokens}
+    return {
+        "ratio": ratio,
+        "rps_16": rps_16,
+        "rps_1": rps_1,
+        "tokens": tokens,
+        "mean_batch_rows": mean_batch,
+    }
 
 
 # ---- P3: image path ---------------------------------------------------------------------
@@ -296,11 +335,11 @@ def cpu_run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="qwen-vl-bench-") as tmp:
         work = Path(tmp)
         model_dir = make_tiny_model(work / "tiny", "qwen3-vl")
-        pictures = [jpeg_bytes(photo(640, 480, seed=s)) for s in range(4)]
         results: dict = {"machine": "cpu", "model": "tiny qwen3-vl (random weights)"}
         with start_server(model_dir, work / "server.log") as server:
             print(f"server ready in {server.startup_s:.1f} s (tiny model, this machine's CPU)")
             results["startup_s"] = server.startup_s
+            pictures = full_length_pictures(server, args.tokens)
             results["P1"] = bench_p1(server, model_dir, pictures[0], args.tokens, runs)
             results["P2"] = bench_p2(
                 server, pictures, args.tokens, per_client=2 if args.quick else 4
