@@ -45,8 +45,10 @@ from predictor.protocol import Completion
 logger = logging.getLogger(__name__)
 
 
-# How long a batch about to start waits for admitted requests still decoding their images.
-DECODING_WAIT_S = 0.1
+# How long a batch about to start may wait for admitted requests still decoding their images.
+# A burst of requests decodes in a few hundred milliseconds; starting without them would make
+# them wait for the whole batch instead (seconds on a GPU with long descriptions).
+DECODING_WAIT_S = 0.5
 
 
 class Reservation:
