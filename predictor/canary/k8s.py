@@ -33,6 +33,8 @@ POOL_KIND = "InferencePool"
 # The predictor fields `start` sets and a pool promotion copies from canary to stable.
 VERSION_FIELDS = ("runtimeVersion", "storageUri")
 KNATIVE_MODES = ("Knative", "Serverless")
+# Who owns the fields the tool sets (managedFields), sent with every PATCH.
+FIELD_MANAGER = "qwen-vl-canary"
 
 
 class ClusterError(RuntimeError):
@@ -70,15 +72,20 @@ class Patch:
     def render(self, namespace: str) -> str:
         """The request as `--dry-run` prints it, and the same change as a kubectl command."""
         compact = json.dumps(self.body, separators=(",", ":"))
-        kind = "json" if isinstance(self.body, list) else "merge"
+        if isinstance(self.body, list):
+            kind = "json"
+            # One operation a line: a JSON patch reads as a list of steps.
+            body = "[\n" + ",\n".join(f"  {json.dumps(op)}" for op in self.body) + "\n]"
+        else:
+            kind, body = "merge", json.dumps(self.body, indent=2)
         return "\n".join(
             [
                 f"# {self.why}",
-                f"PATCH {self.resource.path(namespace, self.name)}",
+                f"PATCH {self.resource.path(namespace, self.name)}?fieldManager={FIELD_MANAGER}",
                 f"Content-Type: {self.content_type}",
-                json.dumps(self.body, indent=2),
+                body,
                 f"# = kubectl -n {namespace} patch {self.resource.plural}.{self.resource.group} "
-                f"{self.name} --type {kind} -p '{compact}'",
+                f"{self.name} --field-manager={FIELD_MANAGER} --type {kind} -p '{compact}'",
             ]
         )
 
@@ -138,7 +145,7 @@ class Api:
                 r.plural,
                 patch.name,
                 patch.body,
-                field_manager="qwen-vl-canary",
+                field_manager=FIELD_MANAGER,
                 _content_type=patch.content_type,
             )
         except ApiException as exc:
@@ -537,4 +544,4 @@ class Executor:
                     f"InferenceService {self.api.namespace}/{action.name} not ready after "
                     f"{self.wait_timeout_s:.0f}s ({why}); nothing further was changed"
                 )
-            self.sleep(self.poll_s)
+            self.sleep(min(self.poll_s, self.wait_timeout_s / 10))

@@ -1,0 +1,1 @@
+"""Helpers of the canary tests: a stand-in Kubernetes API, a real Prometheus, test traffic."""

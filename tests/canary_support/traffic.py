@@ -1,0 +1,95 @@
+"""Test traffic: client threads sending OIP v2 requests of a chosen cost to chosen predictors.
+
+Cost is `max_new_tokens`: on the tiny model each token is a fixed slice of CPU time, so a
+request's latency grows with it. A `Route` picks, per request, which predictor answers and how
+long the answer is: a fixed one, or a gateway that splits by the weights a stand-in cluster
+holds right now.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import httpx
+
+# (backend label, infer URL, max_new_tokens) of the next request.
+Route = Callable[[], tuple[str, str, int]]
+
+
+def infer_body(picture: bytes, max_new_tokens: int) -> dict:
+    return {
+        "inputs": [
+            {
+                "name": "image",
+                "datatype": "BYTES",
+                "shape": [1],
+                "data": [base64.b64encode(picture).decode()],
+            }
+        ],
+        "parameters": {"max_new_tokens": max_new_tokens},
+    }
+
+
+def fixed(label: str, infer_url: str, max_new_tokens: int) -> Route:
+    return lambda: (label, infer_url, max_new_tokens)
+
+
+@dataclass
+class Stream:
+    """`clients` threads, each sending `route()`'s requests one after another."""
+
+    route: Route
+    clients: int = 1
+    requests: int | None = None  # per client; None: until the duration ends
+    # Pause after a refused or failed request, as a client honouring Retry-After would (briefly).
+    pause_after_error_s: float = 0.05
+
+
+def drive(
+    streams: list[Stream],
+    duration_s: float,
+    picture: bytes,
+    stop: threading.Event | None = None,
+) -> Counter[tuple[str, int]]:
+    """Run every stream at once until `duration_s`, `stop` or their request counts; count answers.
+
+    Returns (backend label, HTTP status) -> count; a client-side timeout counts as status 0.
+    """
+    tally: Counter[tuple[str, int]] = Counter()
+    lock = threading.Lock()
+    deadline = time.monotonic() + duration_s
+
+    def client(stream: Stream) -> None:
+        sent = 0
+        with httpx.Client(timeout=60) as http:
+            while (
+                time.monotonic() < deadline
+                and not (stop and stop.is_set())
+                and (stream.requests is None or sent < stream.requests)
+            ):
+                label, url, tokens = stream.route()
+                try:
+                    status = http.post(url, json=infer_body(picture, tokens)).status_code
+                except httpx.HTTPError:
+                    status = 0
+                sent += 1
+                with lock:
+                    tally[(label, status)] += 1
+                if status != 200:
+                    time.sleep(stream.pause_after_error_s)
+
+    threads = [
+        threading.Thread(target=client, args=(s,), daemon=True)
+        for s in streams
+        for _ in range(s.clients)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return tally
