@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from predictor import metrics
 from predictor.engine import Engine, EngineConfig
@@ -218,3 +219,29 @@ def test_deadline_ends_a_request_and_frees_the_engine(generator) -> None:
         asyncio.run(scenario())
     finally:
         engine.stop()
+
+
+class OutOfMemoryOnBatches(RecordingGenerator):
+    """Injects CUDA's out-of-memory error for any batch of more than one row (no GPU here)."""
+
+    def describe(self, rows, stop_checks=None, on_step=None):
+        self.batches.append(len(rows))
+        if len(rows) > 1:
+            raise torch.OutOfMemoryError("injected: CUDA out of memory")
+        return self.generator.describe(rows, stop_checks, on_step)
+
+
+def test_out_of_memory_splits_the_batch_until_it_fits(generator) -> None:
+    oom = OutOfMemoryOnBatches(generator)
+    engine = engine_with(oom, max_batch_size=8, batch_wait_ms=200)
+    rows = make_rows(generator, 4)
+
+    async def scenario():
+        return await asyncio.gather(*(engine.submit([row]) for row in rows))
+
+    try:
+        results = asyncio.run(scenario())
+    finally:
+        engine.stop()
+    assert oom.batches == [4, 2, 1, 1, 2, 1, 1]
+    assert [r[0] for r in results] == [generator.describe([row])[0] for row in rows]
