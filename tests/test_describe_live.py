@@ -79,7 +79,7 @@ class Servers:
         return self.current
 
     def url(self, protocol: str) -> str:
-        return self.current.url if protocol == "v2" else self.current.grpc_target
+        return self.current.grpc_target if protocol == "grpc" else self.current.url
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +180,7 @@ def check_outputs(folder: Path, keys: set[str], complete: bool = True) -> dict[s
     return records
 
 
-@pytest.mark.parametrize("protocol", ["v2", "grpc"])
+@pytest.mark.parametrize("protocol", ["v2", "grpc", "openai"])
 def test_describes_a_folder_then_skips_it(
     servers: Servers, dataset: tuple[Path, set[str]], protocol: str
 ) -> None:
