@@ -569,7 +569,8 @@ def test_cli_fails_images_whose_sidecars_would_clash(
     ("extra", "message"),
     [
         (["--jsonl", "x.jsonl", "--output", "sidecar"], "--jsonl needs --output jsonl or both"),
-        (["--protocol", "openai"], "invalid choice"),
+        (["--protocol", "soap"], "invalid choice"),
+        (["--protocol", "openai", "--top-k", "5"], "--top-k: not available with --protocol openai"),
         (["--concurrency", "0"], "must be at least 1"),
         (["--header", "no colon"], "Name: value"),
         (["--protocol", "grpc"], "host:port"),

@@ -101,6 +101,40 @@ def classify_http(status: int, message: str, retry_after: float | None = None) -
     return RequestFailed(text)
 
 
+def _http_base(config: ClientConfig, protocol: str) -> str:
+    base = config.url.rstrip("/")
+    if "://" not in base:
+        base = f"http://{base}"
+    if not base.startswith(("http://", "https://")):
+        raise ValueError(f"--url for {protocol} must be an http(s) URL, got {config.url}")
+    return base
+
+
+def _http_client(config: ClientConfig) -> httpx.Client:
+    return httpx.Client(
+        headers=dict(config.headers),
+        timeout=httpx.Timeout(config.timeout_s, connect=min(config.timeout_s, 10.0)),
+        limits=httpx.Limits(
+            max_connections=config.concurrency, max_keepalive_connections=config.concurrency
+        ),
+    )
+
+
+def _post_json(
+    client: Client, http: httpx.Client, url: str, body: dict[str, Any]
+) -> httpx.Response:
+    """POST `body`; transport failures become the describe errors the runner acts on."""
+    try:
+        return http.post(
+            url, content=orjson.dumps(body), headers={"content-type": "application/json"}
+        )
+    except (httpx.ReadTimeout, httpx.WriteTimeout) as error:
+        # The server may still be working on it; sending it again would pile on more work.
+        raise RequestFailed(f"no answer in {client.config.timeout_s:g}s (--timeout)") from error
+    except httpx.TransportError as error:
+        raise Retryable(f"{type(error).__name__}: {error}".rstrip(": ")) from error
+
+
 class V2RestClient(Client):
     """OIP v2 over REST: JSON body, the image base64-encoded, to `{url}/v2/models/{m}/infer`."""
 
@@ -108,19 +142,8 @@ class V2RestClient(Client):
 
     def __init__(self, config: ClientConfig):
         super().__init__(config)
-        base = config.url.rstrip("/")
-        if "://" not in base:
-            base = f"http://{base}"
-        if not base.startswith(("http://", "https://")):
-            raise ValueError(f"--url for v2 must be an http(s) URL, got {config.url}")
-        self.infer_url = f"{base}/v2/models/{config.model}/infer"
-        self._http = httpx.Client(
-            headers=dict(config.headers),
-            timeout=httpx.Timeout(config.timeout_s, connect=min(config.timeout_s, 10.0)),
-            limits=httpx.Limits(
-                max_connections=config.concurrency, max_keepalive_connections=config.concurrency
-            ),
-        )
+        self.infer_url = f"{_http_base(config, 'v2')}/v2/models/{config.model}/infer"
+        self._http = _http_client(config)
         self._template = self._body_template(config)
 
     @staticmethod
@@ -147,17 +170,7 @@ class V2RestClient(Client):
         return {**self._template, "inputs": [image_input, *self._template["inputs"][1:]]}
 
     def describe(self, image: bytes) -> Caption:
-        try:
-            response = self._http.post(
-                self.infer_url,
-                content=orjson.dumps(self.build_body(image)),
-                headers={"content-type": "application/json"},
-            )
-        except (httpx.ReadTimeout, httpx.WriteTimeout) as error:
-            # The server may still be working on it; sending it again would pile on more work.
-            raise RequestFailed(f"no answer in {self.config.timeout_s:g}s (--timeout)") from error
-        except httpx.TransportError as error:
-            raise Retryable(f"{type(error).__name__}: {error}".rstrip(": ")) from error
+        response = _post_json(self, self._http, self.infer_url, self.build_body(image))
         if response.status_code != 200:
             raise classify_http(
                 response.status_code,
@@ -387,19 +400,8 @@ class OpenAIClient(Client):
         if unsupported:
             flags = ", ".join(f"--{name.replace('_', '-')}" for name in unsupported)
             raise ValueError(f"{flags}: not available with --protocol openai")
-        base = config.url.rstrip("/")
-        if "://" not in base:
-            base = f"http://{base}"
-        if not base.startswith(("http://", "https://")):
-            raise ValueError(f"--url for openai must be an http(s) URL, got {config.url}")
-        self.chat_url = f"{base}/v1/chat/completions"
-        self._http = httpx.Client(
-            headers=dict(config.headers),
-            timeout=httpx.Timeout(config.timeout_s, connect=min(config.timeout_s, 10.0)),
-            limits=httpx.Limits(
-                max_connections=config.concurrency, max_keepalive_connections=config.concurrency
-            ),
-        )
+        self.chat_url = f"{_http_base(config, 'openai')}/v1/chat/completions"
+        self._http = _http_client(config)
 
     @property
     def target(self) -> str:
@@ -419,12 +421,7 @@ class OpenAIClient(Client):
         return body
 
     def describe(self, image: bytes) -> Caption:
-        try:
-            response = self._http.post(self.chat_url, json=self.build_body(image))
-        except (httpx.ReadTimeout, httpx.WriteTimeout) as error:
-            raise RequestFailed(f"no answer in {self.config.timeout_s:g}s (--timeout)") from error
-        except httpx.TransportError as error:
-            raise Retryable(f"{type(error).__name__}: {error}".rstrip(": ")) from error
+        response = _post_json(self, self._http, self.chat_url, self.build_body(image))
         if response.status_code != 200:
             raise classify_http(
                 response.status_code,
