@@ -214,9 +214,6 @@ def register_infer_routes(app: FastAPI, dataplane: DataPlane, max_body_bytes: in
             )
         if not await dataplane.model_ready(model_name, True):
             raise ModelNotReady(model_name)
-        admit = getattr(dataplane.get_model_from_registry(model_name), "admit", None)
-        if admit is not None:
-            admit()  # a full queue answers 503 before the body is even read
         headers = dict(request.headers)
         # The whole body is read before the disconnect watcher starts reading ASGI messages.
         body = await request.body()

@@ -57,6 +57,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from kserve import ModelServer
     from kserve import model_server as kserve_server
 
+    from predictor.admission import AdmissionMiddleware
     from predictor.model import QwenVLModel
     from predictor.openai.image_urls import RemotePolicy
     from predictor.openai.router import register_openai_routes
@@ -99,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         event_loop=args.event_loop,
         timeout_keep_alive=args.timeout_keep_alive,
     )
+    kserve_server.app.add_middleware(AdmissionMiddleware, admit=model.admit, model_name=model.name)
     register_infer_routes(kserve_server.app, server.dataplane, request_bytes_limit(settings))
     remote = RemotePolicy(
         allowed=settings.allow_remote_images,

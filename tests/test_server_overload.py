@@ -106,6 +106,19 @@ def test_full_queue_is_refused_at_once_and_abandoned_work_frees_its_slot(
     assert "overloaded" in refused.json()["error"]
     assert refused_in < 1.0  # answered at once (the benchmark measures it precisely)
 
+    chat = {
+        "model": server.model_name,
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,"}}],
+            }
+        ],
+    }
+    refused_chat = httpx.post(f"{server.url}/v1/chat/completions", json=chat, timeout=10)
+    assert refused_chat.status_code == 503 and refused_chat.headers["retry-after"] == "1"
+    assert refused_chat.json()["error"]["code"] == "queue_full"
+
     tensor = pb.ModelInferRequest.InferInputTensor(name="image", datatype="BYTES", shape=[1])
     tensor.contents.bytes_contents.append(long_picture)
     with (
@@ -125,5 +138,5 @@ def test_full_queue_is_refused_at_once_and_abandoned_work_frees_its_slot(
     wait_for(server, "qwen_vl_num_requests_waiting", 0, timeout_s=10)
     ok = httpx.post(server.infer_url, json=body(long_picture, 3), timeout=30)
     assert ok.status_code == 200
-    assert gauges(server)["qwen_vl_requests_rejected_total"] == rejected_before + 2
+    assert gauges(server)["qwen_vl_requests_rejected_total"] == rejected_before + 3
     assert server.is_ready()
