@@ -24,8 +24,8 @@ def parse_duration(text: str) -> float:
 
 
 def format_duration(seconds: float) -> str:
-    """300.0 -> `5m`, 95.5 -> `1m35.5s`: short, and readable back by `parse_duration`."""
-    minutes, rest = divmod(round(seconds, 1), 60)
+    """300.0 -> `5m`, 95.25 -> `1m35.25s`: short, and readable back by `parse_duration`."""
+    minutes, rest = divmod(round(seconds, 3), 60)
     hours, minutes = divmod(int(minutes), 60)
     text = (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes else "")
     if rest or not text:

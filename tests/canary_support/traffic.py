@@ -9,6 +9,7 @@ holds right now.
 from __future__ import annotations
 
 import base64
+import random
 import threading
 import time
 from collections import Counter
@@ -93,3 +94,37 @@ def drive(
     for thread in threads:
         thread.join()
     return tally
+
+
+@dataclass(frozen=True)
+class Backend:
+    label: str
+    infer_url: str
+    max_new_tokens: int
+
+
+def weighted(
+    canary_share: Callable[[], float], stable: Backend, canary: Backend, seed: int
+) -> Route:
+    """A gateway: each request goes to the canary with the share the cluster holds right now."""
+    rng = random.Random(seed)
+
+    def route() -> tuple[str, str, int]:
+        chosen = canary if rng.random() < canary_share() else stable
+        return chosen.label, chosen.infer_url, chosen.max_new_tokens
+
+    return route
+
+
+def pool_share(route: dict) -> float:
+    """The canary pool's share of an HTTPRoute whose first rule splits two pools."""
+    refs = {r["name"]: r.get("weight", 1) for r in route["spec"]["rules"][0]["backendRefs"]}
+    total = sum(refs.values())
+    return refs["qwen-vl-canary"] / total if total else 0.0
+
+
+def knative_share(isvc: dict) -> float:
+    """The newest revision's share, as KServe reports it in the InferenceService's status."""
+    traffic = isvc["status"]["components"]["predictor"]["traffic"]
+    latest = next(t for t in traffic if t.get("latestRevision"))
+    return latest["percent"] / 100
