@@ -341,7 +341,9 @@ def test_auto_in_knative_mode_rolls_back_a_slow_canary(stack, tmp_path) -> None:
         route = weighted(
             lambda: knative_share(api.get("inferenceservices", "qwen-vl")),
             Backend("stable", stack.stable.infer_url, CHEAP),
-            Backend("canary", stack.canary.infer_url, SLOW),
+            # Twice SLOW: a 25% share of one client's traffic is a few requests an interval,
+            # so the gap to stable is made wide enough that a handful decides it.
+            Backend("canary", stack.canary.infer_url, 2 * SLOW),
             seed=2,
         )
         with gateway(stack, route) as tally:
@@ -352,6 +354,7 @@ def test_auto_in_knative_mode_rolls_back_a_slow_canary(stack, tmp_path) -> None:
                 "--steps", "25,50",
                 "--interval", "8s",
                 *THRESHOLDS,
+                "--min-requests", "5",
             )  # fmt: skip
         print(auto.stdout, auto.stderr, sep="\n")
         assert auto.returncode == 1, explain(auto, tally)

@@ -204,6 +204,7 @@ def _describe_isvc(obj: dict[str, Any]) -> str:
 
 
 def version_patch(image_tag: str | None, storage_uri: str | None) -> dict[str, Any]:
+    """The `predictor.model` fields that make a new version: only those given are sent."""
     model: dict[str, Any] = {}
     if image_tag is not None:
         model["runtimeVersion"] = image_tag
@@ -213,6 +214,8 @@ def version_patch(image_tag: str | None, storage_uri: str | None) -> dict[str, A
 
 
 class Rollout(Protocol):
+    """What each mode offers: read the split, and the actions of every subcommand."""
+
     mode: str
     api: Api
 
