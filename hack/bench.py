@@ -88,14 +88,16 @@ def verdict(name: str, value: float) -> str:
 # ---- P1: REST overhead ------------------------------------------------------------------
 
 
-def bench_p1(server, model_dir: Path, picture: bytes, tokens: int, runs: int) -> dict:
+def bench_p1(
+    server, model_dir: Path, picture: bytes, tokens: int, runs: int, cpu_threads: int = 0
+) -> dict:
     from predictor.generation import Generator, Row
     from predictor.images import ImageLimits, prepare_image
     from predictor.loading import load_model
     from predictor.params import SamplingParams
     from predictor.settings import Settings
 
-    settings = Settings(model_dir=str(model_dir), device="cpu")
+    settings = Settings(model_dir=str(model_dir), device="cpu", cpu_threads=cpu_threads)
     loaded = load_model(settings)
     generator = Generator(loaded.model, loaded.processor)
     limits = ImageLimits(settings.max_image_bytes, settings.max_decoded_pixels)
@@ -350,11 +352,14 @@ def cpu_run(args: argparse.Namespace) -> dict:
         work = Path(tmp)
         model_dir = make_tiny_model(work / "tiny", "qwen3-vl")
         results: dict = {"machine": "cpu", "model": "tiny qwen3-vl (random weights)"}
-        with start_server(model_dir, work / "server.log") as server:
+        with start_server(model_dir, work / "server.log", *args.server_arg) as server:
             print(f"server ready in {server.startup_s:.1f} s (tiny model, this machine's CPU)")
             results["startup_s"] = server.startup_s
             pictures = full_length_pictures(server, args.tokens)
-            results["P1"] = bench_p1(server, model_dir, pictures[0], args.tokens, runs)
+            threads = _flag_value(args.server_arg, "--cpu_threads")
+            results["P1"] = bench_p1(
+                server, model_dir, pictures[0], args.tokens, runs, int(threads or 0)
+            )
             results["P2"] = bench_p2(
                 server, pictures, args.tokens, per_client=2 if args.quick else 4
             )
@@ -438,6 +443,15 @@ def _ttft_ms(generator, row) -> float:
     return median_ms(lambda: generator.describe([first]), 3)
 
 
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    for index, item in enumerate(argv):
+        if item == flag and index + 1 < len(argv):
+            return argv[index + 1]
+        if item.startswith(f"{flag}="):
+            return item.split("=", 1)[1]
+    return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
@@ -449,6 +463,12 @@ def main() -> None:
         help="max_new_tokens per request (default: the server's default)",
     )
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        help="extra predictor flag for the P1/P2 server, repeatable (--server-arg=--cpu_threads=2)",
+    )
     args = parser.parse_args()
     results = gpu_run(args) if args.shape else cpu_run(args)
     if args.json:
