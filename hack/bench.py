@@ -300,7 +300,9 @@ def burst(url: str, body: dict, clients: int) -> tuple[list[float], list[int]]:
     return [r[0] for r in results], [r[1] for r in results]
 
 
-def bench_overload(model_dir: Path, log_dir: Path, picture: bytes, queue: int) -> dict:
+def bench_overload(
+    model_dir: Path, log_dir: Path, picture: bytes, queue: int, bursts: int = 3
+) -> dict:
     from tests.live_server import start_server
 
     args = ("--max_queue_size", str(queue), "--max_batch_size", str(queue), "--batch_wait_ms", "0")
@@ -310,20 +312,23 @@ def bench_overload(model_dir: Path, log_dir: Path, picture: bytes, queue: int) -
         before = rss_mb(server.process.pid)
         rejected_ms: list[float] = []
         statuses: list[int] = []
-        for _ in range(2):
+        after_each: list[float] = []
+        for _ in range(bursts):
             latencies, codes = burst(server.infer_url, body, clients=10 * queue)
             rejected_ms += [ms for ms, code in zip(latencies, codes, strict=True) if code == 503]
             statuses += codes
-        after = rss_mb(server.process.pid)
+            after_each.append(rss_mb(server.process.pid))
+        after = after_each[-1]
         ready = server.is_ready()
     unexpected = sorted({s for s in statuses if s not in (200, 503)})
     p50 = statistics.median(rejected_ms) if rejected_ms else float("nan")
     worst = max(rejected_ms) if rejected_ms else float("nan")
     print(
-        f"overload  {10 * queue} clients on a queue of {queue}, twice: "
+        f"overload  {10 * queue} clients on a queue of {queue}, {bursts} bursts: "
         f"{len(rejected_ms)} got 503 in {p50:.1f} ms median, {worst:.1f} ms worst "
         f"({verdict('overload_503_ms', p50)}); {statuses.count(200)} served; other statuses "
-        f"{unexpected or 'none'}; RSS {before:.0f} MB before, {after:.0f} MB after; "
+        f"{unexpected or 'none'}; RSS {before:.0f} MB before, after each burst "
+        f"{', '.join(f'{mb:.0f}' for mb in after_each)} MB; "
         f"ready after: {ready}"
     )
     return {
@@ -336,6 +341,7 @@ def bench_overload(model_dir: Path, log_dir: Path, picture: bytes, queue: int) -
         "unexpected_statuses": unexpected,
         "rss_mb_before": before,
         "rss_mb_after": after,
+        "rss_mb_after_each_burst": after_each,
         "ready_after": ready,
     }
 
