@@ -105,17 +105,20 @@ def bench_p1(
     budget = generator.default_budget
     image = prepare_image(picture, limits, "image", budget, generator.resize_factor)
     row = Row.single(image, settings.default_prompt, SamplingParams(max_new_tokens=tokens))
-    generator.describe([row])  # warm
-    in_process = median_ms(lambda: generator.describe([row]), runs)
-
     client = httpx.Client(timeout=120)
     body = infer_body(picture, tokens)
-    client.post(server.infer_url, json=body).raise_for_status()  # warm
+    generator.describe([row])  # warm both
+    client.post(server.infer_url, json=body).raise_for_status()
 
     def rest() -> None:
         client.post(server.infer_url, json=body).raise_for_status()
 
-    rest_ms = median_ms(rest, runs)
+    # Interleaved, so that a machine getting slower or faster mid-run affects both sides.
+    in_process_runs, rest_runs = [], []
+    for _ in range(runs):
+        in_process_runs.append(median_ms(lambda: generator.describe([row]), 1))
+        rest_runs.append(median_ms(rest, 1))
+    in_process, rest_ms = statistics.median(in_process_runs), statistics.median(rest_runs)
     ratio = rest_ms / in_process
     print(
         f"P1  REST end-to-end / in-process generate, batch 1: {ratio:.3f}  "
@@ -346,20 +349,27 @@ def bench_overload(
         before = rss_mb(pid)
         idle_ms, idle_statuses, _ = _rejections(server.infer_url, short, clients, bursts, pid)
         # Saturate: long requests on fixed-length pictures fill the batch and the queue.
-        long_body = infer_body(pictures[0], 3000)
+        long_body = infer_body(pictures[0], 1000)  # the default --max_new_tokens_limit is 1024
 
         def hold() -> None:
             with contextlib.suppress(httpx.HTTPError):  # ends when the server stops
                 httpx.post(server.infer_url, json=long_body, timeout=600)
 
-        holders = [threading.Thread(target=hold, daemon=True) for _ in range(2 * queue)]
-        for holder in holders:
-            holder.start()
+        # Once the idle bursts' requests are done: a full batch that generates, then a full
+        # queue behind it.
         deadline = time.monotonic() + 60
-        while _gauge(server, "qwen_vl_num_requests_waiting") < queue:
-            if time.monotonic() > deadline:
-                raise SystemExit("the queue never filled")
+        while _gauge(server, "qwen_vl_num_requests_running") or _gauge(
+            server, "qwen_vl_num_requests_waiting"
+        ):
             time.sleep(0.05)
+        for gauge in ("qwen_vl_num_requests_running", "qwen_vl_num_requests_waiting"):
+            for _ in range(queue):
+                threading.Thread(target=hold, daemon=True).start()
+            while _gauge(server, gauge) < queue:
+                if time.monotonic() > deadline:
+                    print(f"overload: {gauge} never reached {queue}; measuring anyway")
+                    break
+                time.sleep(0.05)
         full_ms, full_statuses, rss_after = _rejections(
             server.infer_url, short, clients, bursts, pid
         )
