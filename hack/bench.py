@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import io
 import json
@@ -38,6 +37,8 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
+
+from tests.live_server import infer_body  # noqa: E402
 
 GOALS = {"P1": ("<=", 1.05), "P2": (">=", 6.0), "P3": (">=", 2.5), "overload_503_ms": ("<", 50.0)}
 
@@ -64,20 +65,6 @@ def median_ms(action: Callable[[], object], runs: int) -> float:
         action()
         times.append((time.perf_counter() - started) * 1000)
     return statistics.median(times)
-
-
-def infer_body(picture: bytes, max_new_tokens: int) -> dict:
-    return {
-        "inputs": [
-            {
-                "name": "image",
-                "datatype": "BYTES",
-                "shape": [1],
-                "data": [base64.b64encode(picture).decode()],
-            }
-        ],
-        "parameters": {"max_new_tokens": max_new_tokens},
-    }
 
 
 def verdict(name: str, value: float) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import socket
@@ -16,6 +17,21 @@ import httpx
 
 MODEL_NAME = "qwen-vl"
 STARTUP_TIMEOUT_S = 180
+
+
+def infer_body(picture: bytes, max_new_tokens: int) -> dict:
+    """An OIP v2 JSON body describing one encoded image."""
+    return {
+        "inputs": [
+            {
+                "name": "image",
+                "datatype": "BYTES",
+                "shape": [1],
+                "data": [base64.b64encode(picture).decode()],
+            }
+        ],
+        "parameters": {"max_new_tokens": max_new_tokens},
+    }
 
 
 def free_port() -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import threading
 import time
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceSt
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests import images
-from tests.live_server import LiveServer, start_server
+from tests.live_server import LiveServer, infer_body, start_server
 
 pytestmark = pytest.mark.slow
 LONG = 3500  # tokens: tens of seconds of generation on the tiny model
@@ -35,20 +34,12 @@ def server(tiny_qwen3_vl: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         yield live
 
 
-def body(picture: bytes, max_new_tokens: int) -> dict:
-    data = [base64.b64encode(picture).decode()]
-    return {
-        "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": data}],
-        "parameters": {"max_new_tokens": max_new_tokens},
-    }
-
-
 @pytest.fixture(scope="module")
 def long_picture(server: LiveServer) -> bytes:
     """An image the random model does not end early (it rarely emits its end-of-turn token)."""
     for color in ((200, 40, 40), (40, 200, 40), (40, 40, 200), (128, 128, 128), (0, 0, 0)):
         picture = images.jpeg(color=color)
-        reply = httpx.post(server.infer_url, json=body(picture, 150), timeout=60).json()
+        reply = httpx.post(server.infer_url, json=infer_body(picture, 150), timeout=60).json()
         finish = next(o for o in reply["outputs"] if o["name"] == "finish_reason")["data"][0]
         if finish == "length":
             return picture
@@ -78,7 +69,7 @@ def abandoning_client(server: LiveServer, picture: bytes, gave_up: list) -> thre
 
     def run() -> None:
         try:
-            httpx.post(server.infer_url, json=body(picture, LONG), timeout=3)
+            httpx.post(server.infer_url, json=infer_body(picture, LONG), timeout=3)
         except httpx.TimeoutException:
             gave_up.append(True)
 
@@ -99,7 +90,7 @@ def test_full_queue_is_refused_at_once_and_abandoned_work_frees_its_slot(
     assert gauges(server)["qwen_vl_utilization"] == 1.0
 
     started = time.perf_counter()
-    refused = httpx.post(server.infer_url, json=body(long_picture, 5), timeout=10)
+    refused = httpx.post(server.infer_url, json=infer_body(long_picture, 5), timeout=10)
     refused_in = time.perf_counter() - started
     assert refused.status_code == 503, refused.text
     assert refused.headers["retry-after"] == "1"
@@ -136,7 +127,7 @@ def test_full_queue_is_refused_at_once_and_abandoned_work_frees_its_slot(
     # Both clients left: the running row stops, the queued one is dropped, the slots free up.
     wait_for(server, "qwen_vl_num_requests_running", 0, timeout_s=10)
     wait_for(server, "qwen_vl_num_requests_waiting", 0, timeout_s=10)
-    ok = httpx.post(server.infer_url, json=body(long_picture, 3), timeout=30)
+    ok = httpx.post(server.infer_url, json=infer_body(long_picture, 3), timeout=30)
     assert ok.status_code == 200
     assert gauges(server)["qwen_vl_requests_rejected_total"] == rejected_before + 3
     assert server.is_ready()

@@ -8,7 +8,6 @@ holds right now.
 
 from __future__ import annotations
 
-import base64
 import random
 import threading
 import time
@@ -18,22 +17,10 @@ from dataclasses import dataclass
 
 import httpx
 
+from tests.live_server import infer_body
+
 # (backend label, infer URL, max_new_tokens) of the next request.
 Route = Callable[[], tuple[str, str, int]]
-
-
-def infer_body(picture: bytes, max_new_tokens: int) -> dict:
-    return {
-        "inputs": [
-            {
-                "name": "image",
-                "datatype": "BYTES",
-                "shape": [1],
-                "data": [base64.b64encode(picture).decode()],
-            }
-        ],
-        "parameters": {"max_new_tokens": max_new_tokens},
-    }
 
 
 def fixed(label: str, infer_url: str, max_new_tokens: int) -> Route:
