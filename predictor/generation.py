@@ -42,7 +42,7 @@ class Row:
     messages: tuple[dict[str, Any], ...]
     sampling: SamplingParams
     group: int = 0  # the request it belongs to; only matters for seeded rows
-    inputs: dict[str, torch.Tensor] | None = field(default=None, compare=False)  # see encode()
+    inputs: EncodedRow | None = field(default=None, compare=False)  # see Generator.encode
     on_text: TextSink | None = field(default=None, compare=False)  # streamed text deltas
 
     @classmethod
@@ -57,6 +57,15 @@ class Row:
         s = self.sampling
         key = (s.temperature, s.top_p, s.top_k, s.repetition_penalty, s.seed)
         return key if s.seed is None else (*key, self.group)
+
+
+@dataclass(frozen=True)
+class EncodedRow:
+    """A row's model inputs, computed before its batch (`Generator.encode`): the processor's
+    token tensors (CPU) and its images already through the vision encoder (model device)."""
+
+    tensors: dict[str, torch.Tensor]
+    image_features: Any = None  # the vision encoder's output (a transformers ModelOutput)
 
 
 StopCheck = Callable[[], bool]
@@ -232,15 +241,32 @@ class Generator:
             list(row.messages), tokenize=False, add_generation_prompt=True
         )
 
-    def encode(self, row: Row) -> dict[str, torch.Tensor]:
-        """One row's processor output (CPU tensors), computed ahead of its batch.
+    @torch.inference_mode()
+    def encode(self, row: Row) -> EncodedRow:
+        """One row's model inputs, computed ahead of its batch on the caller's thread.
 
-        Why: the processor's per-image work (normalising, patching, tokenising) then runs on
-        the request's thread, in parallel with the batch the engine is generating, instead of
-        on the engine's critical path. `merge` joins encoded rows exactly as the processor
-        would have batched them.
+        Why: the processor's work (normalising, patching, tokenising) and the vision encoder
+        then run on the request's thread, in parallel with the batch the engine is decoding,
+        instead of on the engine's critical path. The vision encoder sees each image on its
+        own anyway (its attention is per image), so encoding an image alone gives the same
+        features as encoding it in a batch. `merge` joins encoded rows the way the processor
+        and the model would have batched them.
         """
-        return dict(self._process([row]))
+        tensors = dict(self._process([row]))
+        pixel_values = tensors.pop("pixel_values", None)
+        features = None
+        if pixel_values is not None:
+            output = self.model.get_image_features(
+                pixel_values=pixel_values.to(self.device, dtype=self.model.dtype),
+                image_grid_thw=tensors["image_grid_thw"].to(self.device),
+                return_dict=True,
+            )
+            # Keep what the language model consumes (per-image embeddings, and Qwen3-VL's
+            # deepstack features); the encoder's unmerged last hidden state is 4x larger.
+            features = type(output)(
+                **{key: value for key, value in output.items() if key != "last_hidden_state"}
+            )
+        return EncodedRow(tensors, features)
 
     def _process(self, rows: Sequence[Row]) -> Any:
         # Images arrive at their final size; a size range that contains every one of them keeps
@@ -255,33 +281,29 @@ class Generator:
             size={"shortest_edge": min(pixels), "longest_edge": max(pixels)},
         )
 
-    def merge(self, encoded: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Batch encoded rows: sequence tensors left-padded to one length, image tensors joined."""
-        length = max(row["input_ids"].shape[1] for row in encoded)
-        merged: dict[str, torch.Tensor] = {}
-        for key in encoded[0]:
-            parts = [row[key] for row in encoded]
+    def merge(self, encoded: Sequence[EncodedRow]) -> dict[str, Any]:
+        """`generate` arguments for a batch of encoded rows: sequence tensors left-padded to
+        one length, the others (image grids) joined, image features joined in row order."""
+        length = max(row.tensors["input_ids"].shape[1] for row in encoded)
+        merged: dict[str, Any] = {}
+        for key in encoded[0].tensors:
+            parts = [row.tensors[key] for row in encoded]
             if key in _SEQUENCE_KEYS:
                 fill = self.pad_token_id if key == "input_ids" else 0
                 parts = [
                     torch.nn.functional.pad(part, (length - part.shape[1], 0), value=fill)
                     for part in parts
                 ]
-            merged[key] = torch.cat(parts, dim=0)
+            merged[key] = torch.cat(parts, dim=0).to(self.device)
+        features = [row.image_features for row in encoded if row.image_features is not None]
+        if features:
+            first = features[0]
+            joined = {key: _join([f[key] for f in features]) for key in first}
+            merged["mm_encoder_outputs"] = {"image": type(first)(**joined)}
         return merged
 
-    def _inputs(self, rows: Sequence[Row]) -> dict[str, torch.Tensor]:
-        if all(row.inputs is not None for row in rows):
-            inputs = self.merge([row.inputs for row in rows if row.inputs is not None])
-        else:
-            inputs = self._process(rows)
-        dtype = self.model.dtype
-        return {
-            key: value.to(self.device, dtype=dtype)
-            if key == "pixel_values" and value.is_floating_point()
-            else value.to(self.device)
-            for key, value in inputs.items()
-        }
+    def _inputs(self, rows: Sequence[Row]) -> dict[str, Any]:
+        return self.merge([row.inputs or self.encode(row) for row in rows])
 
     def _generation_config(self, sampling: SamplingParams) -> GenerationConfig:
         options: dict[str, Any] = {
@@ -336,3 +358,14 @@ class Generator:
         gray = Image.new("RGB", (256, 256), (128, 128, 128))
         image = fit_to_budget(gray, self.default_budget, self.resize_factor)
         self.describe([Row.single(image, "Describe this image.", SamplingParams(max_new_tokens=2))])
+
+
+def _join(parts: Sequence[Any]) -> Any:
+    """Join per-row image features: tuples hold one tensor per image, lists one entry per
+    layer (Qwen3-VL's deepstack features)."""
+    first = parts[0]
+    if isinstance(first, tuple):
+        return tuple(item for part in parts for item in part)
+    if isinstance(first, list):
+        return [_join([part[i] for part in parts]) for i in range(len(first))]
+    raise TypeError(f"unexpected image feature type {type(first).__name__}")

@@ -54,7 +54,7 @@ class Settings:
     remote_image_hosts: tuple[str, ...] = ()
     remote_image_timeout_s: float = 10.0
     max_batch_size: int = 16
-    batch_wait_ms: float = 5.0
+    batch_wait_ms: float = 0.0
     max_queue_size: int = 64
     request_timeout_s: float = 300.0
 
@@ -206,7 +206,8 @@ def build_parser(parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.Ar
         "--batch_wait_ms",
         type=float,
         default=_env("batch_wait_ms", d.batch_wait_ms, float),
-        help="how long the first waiting row waits for others to join its batch",
+        help="how long the first waiting row waits for requests not yet arrived; requests "
+        "already admitted and decoding their images are always waited for (up to 0.5 s)",
     )
     engine.add_argument(
         "--max_queue_size",

@@ -149,9 +149,28 @@ def test_big_image_is_shrunk_to_the_budget(generator: Generator) -> None:
 
 def test_rows_encoded_ahead_merge_exactly_like_a_processor_batch(generator: Generator) -> None:
     rows = rows_for(generator)
-    encoded = [replace(r, inputs=generator.encode(r)) for r in rows]
-    batched, merged = generator._inputs(rows), generator._inputs(encoded)
-    assert sorted(batched) == sorted(merged)
+    batched = {k: v for k, v in generator._process(rows).items() if k != "pixel_values"}
+    merged = generator.merge([generator.encode(r) for r in rows])
+    assert sorted(batched) == sorted(k for k in merged if k != "mm_encoder_outputs")
     for key in batched:
         assert torch.equal(batched[key], merged[key]), key
+
+
+def test_image_features_encoded_ahead_match_the_batched_vision_encoder(
+    generator: Generator,
+) -> None:
+    """Each row's images through the vision encoder alone == the whole batch through it."""
+    rows = rows_for(generator)
+    processed = generator._process(rows)
+    with torch.inference_mode():
+        batched = generator.model.get_image_features(
+            pixel_values=processed["pixel_values"],
+            image_grid_thw=processed["image_grid_thw"],
+            return_dict=True,
+        )
+    ahead = generator.merge([generator.encode(r) for r in rows])["mm_encoder_outputs"]["image"]
+    assert len(ahead.pooler_output) == len(batched.pooler_output) == len(rows)
+    for one, together in zip(ahead.pooler_output, batched.pooler_output, strict=True):
+        torch.testing.assert_close(one, together)
+    encoded = [replace(r, inputs=generator.encode(r)) for r in rows]
     assert generator.describe(encoded) == generator.describe(rows)
