@@ -161,7 +161,7 @@ def run_clients(url: str, bodies: list[dict], clients: int) -> tuple[float, list
 
 
 def batch_counts(server) -> tuple[float, float]:
-    """(rows, generate calls) so far, from the server's qwen_vl_batch_size histogram."""
+    """(rows summed over steps, decoding steps) so far, from qwen_vl_batch_size."""
     from prometheus_client.parser import text_string_to_metric_families
 
     values = {}
@@ -186,8 +186,8 @@ def bench_p2(server, pictures: list[bytes], tokens: int, per_client: int) -> dic
     ratio = rps_16 / rps_1
     print(
         f"P2  throughput 16 clients / 1 client: {ratio:.2f}  "
-        f"({rps_16:.2f} vs {rps_1:.2f} requests/s, {tokens} tokens each, mean batch "
-        f"{mean_batch:.1f} rows)  {verdict('P2', ratio)}"
+        f"({rps_16:.2f} vs {rps_1:.2f} requests/s, {tokens} tokens each, mean rows per "
+        f"decoding step {mean_batch:.1f})  {verdict('P2', ratio)}"
     )
     return {
         "ratio": ratio,

@@ -1,17 +1,22 @@
-"""The generation engine: batches concurrent requests into shared `generate` calls.
+"""The generation engine: batches concurrent requests on one device.
 
 Why an engine: serving one request at a time leaves a GPU mostly idle. Here every request
-(OIP v2 REST or gRPC, and any other route) submits its rows (one per image) to one bounded
-queue. A single worker thread owns the model: it takes the first waiting row, keeps gathering
-for up to `batch_wait_ms` or until `max_batch_size` rows, and runs them together
-(`Generator.describe` groups rows by sampling settings; see its module docstring). The asyncio
-side only awaits futures, so the event loop keeps answering health checks and metrics.
+(OIP v2 REST or gRPC, and the OpenAI route) submits its rows (one per image) to one bounded
+queue. A single worker thread owns the model; the asyncio side only awaits futures, so the
+event loop keeps answering health checks and metrics.
 
-Chosen mechanism: dynamic batching per `generate` call with a per-row stopping criterion,
-rather than a step-wise decode loop that admits rows between steps. It keeps transformers'
-own `generate` (every Qwen-VL family, every attention backend, quantization) and still lets
-each row stop at its own `max_new_tokens` or when its client goes away. The price: a row that
-arrives while a batch runs waits for that batch to finish.
+Chosen mechanism: continuous batching, a step-wise decode loop that admits rows between steps
+(`predictor.decoding.RunningBatch`). Before each decoding step the worker prefills whatever
+rows are waiting (up to `max_batch_size` running rows) and adds them to the running batch; a
+row leaves as soon as it reaches its own `max_new_tokens`, a stop token or string, or its
+caller goes away, and its slot is filled at the next step. So a request never waits for
+someone else's batch to finish, and rows with different limits and sampling settings share
+every step. When the engine is idle, the first request waits `batch_wait_ms` (default 0) for
+others. With a static KV cache (`--compile`), whose shapes are fixed, the engine falls back
+to whole batches: it gathers rows (waiting up to 0.5 s for admitted requests still decoding
+their images, or `batch_wait_ms`) and runs them through one `generate` call
+(`Generator.describe`, which groups rows by sampling settings), with a per-row stopping
+criterion.
 
 Work ahead of the batch: each request's thread runs the processor and the vision encoder for
 its own images (`Generator.encode`) before it joins the queue, in parallel with the batch the
@@ -24,9 +29,11 @@ Backpressure: beyond `max_queue_size` waiting requests a request is refused at o
 caller is cancelled (client disconnect, gRPC cancel, deadline) has its queued rows dropped and
 its running rows stopped at the next token, which frees their slots.
 
-Failures stay with their request: if a batch fails, each request in it is retried alone so
-only the one that fails again gets the error; a CUDA out-of-memory error splits the batch in
-halves and retries them. The worker thread never dies.
+Failures stay with their request: if a prefill (or a whole batch) fails, each request in it
+is retried alone so only the one that fails again gets the error; a CUDA out-of-memory error
+splits the rows in halves and retries them. Out of memory in a decoding step (the cache
+grew too large) fails the most recently admitted half of the running rows, with an error the
+client may retry, and the others go on. The worker thread never dies.
 """
 
 from __future__ import annotations
@@ -36,13 +43,14 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field, replace
 
 import torch
 
 from predictor import metrics
+from predictor.decoding import RunningBatch, supports_continuous_batching
 from predictor.errors import DeadlineExceeded, QueueFull
 from predictor.generation import Generator, Row
 from predictor.protocol import Completion
@@ -50,9 +58,9 @@ from predictor.protocol import Completion
 logger = logging.getLogger(__name__)
 
 
-# How long a batch about to start may wait for admitted requests still decoding their images.
-# A burst of requests decodes in a few hundred milliseconds; starting without them would make
-# them wait for the whole batch instead (seconds on a GPU with long descriptions).
+# Whole-batch mode: how long a batch about to start may wait for admitted requests still
+# decoding their images. A burst of requests decodes in a few hundred milliseconds; starting
+# without them would make them wait for the whole batch instead (seconds on a GPU).
 DECODING_WAIT_S = 0.5
 
 
@@ -75,6 +83,7 @@ class EngineConfig:
     batch_wait_ms: float = 0.0
     max_queue_size: int = 64
     request_timeout_s: float = 300.0
+    continuous: bool = True  # step-wise batching (see predictor.decoding) where supported
 
 
 @dataclass(eq=False)
@@ -89,6 +98,7 @@ class _Request:
     pending: int = 0
     first_token_seen: bool = False
     abandoned: bool = False
+    started: float | None = None  # time.monotonic() when its first row began generating
 
     def __post_init__(self) -> None:
         self.results = [None] * len(self.rows)
@@ -113,10 +123,18 @@ class _Slot:
 class Engine:
     """Owns the generator on one worker thread; `submit` is the only entry point."""
 
-    def __init__(self, generator: Generator, model_name: str, config: EngineConfig):
+    def __init__(
+        self,
+        generator: Generator,
+        model_name: str,
+        config: EngineConfig,
+        running_batch: Callable[[Generator], RunningBatch] = RunningBatch,
+    ):
         self.generator = generator
         self.model_name = model_name
         self.config = config
+        self.continuous = config.continuous and supports_continuous_batching(generator)
+        self._running_batch = running_batch
         self._queue: deque[_Slot] = deque()
         self._waiting: set[_Request] = set()
         self._running: set[_Request] = set()
@@ -204,6 +222,126 @@ class Engine:
     # ---- the worker thread ------------------------------------------------------------
 
     def _work(self) -> None:
+        if self.continuous:
+            self._work_continuous()
+        else:
+            self._work_whole_batches()
+
+    # ---- continuous batching: rows join and leave between decoding steps --------------
+
+    def _work_continuous(self) -> None:
+        batch = self._running_batch(self.generator)
+        while True:
+            slots = self._admissions(len(batch))
+            if slots is None:
+                return
+            try:
+                if slots:
+                    self._admit(batch, slots)
+                if len(batch):
+                    self._step(batch)
+            except Exception:  # the worker must never die
+                logger.exception("engine step failed unexpectedly")
+                for slot in [*slots, *batch.clear()]:
+                    self._settle(slot, error=RuntimeError("generation failed"))
+            finally:
+                self._track(batch)
+
+    def _admissions(self, running: int) -> list[_Slot] | None:
+        """Rows to add before the next step: as many as fit. An idle engine blocks here until
+        a request arrives (then waits `batch_wait_ms` for others); a busy one never waits."""
+        with self._lock:
+            if running == 0:
+                while not self._queue and not self._stopped:
+                    self._lock.wait()
+                window_ends = time.monotonic() + self.config.batch_wait_ms / 1000
+                while len(self._queue) < self.config.max_batch_size and not self._stopped:
+                    left = window_ends - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._lock.wait(left)
+            if self._stopped:
+                return None
+            return self._take(self.config.max_batch_size - running, running)
+
+    def _admit(self, batch: RunningBatch, slots: list[_Slot]) -> None:
+        """Prefill slots into the running batch; a failure stays with its request (a CUDA
+        out-of-memory error halves the rows until they fit)."""
+        live = self._live(slots)
+        if not live:
+            return
+        try:
+            finished = batch.admit(
+                [s.row for s in live], live, [s.request.should_stop for s in live]
+            )
+        except torch.OutOfMemoryError:
+            if len(live) == 1:
+                self._settle(live[0], error=RuntimeError("out of device memory on one image"))
+                return
+            logger.warning("out of memory admitting %d rows; splitting them", len(live))
+            _empty_cache()
+            half = len(live) // 2
+            self._admit(batch, live[:half])
+            self._admit(batch, live[half:])
+            return
+        except Exception as exc:
+            requests = list(dict.fromkeys(s.request for s in live))
+            if len(requests) == 1:
+                logger.exception("generation failed for one request")
+                for slot in live:
+                    self._settle(slot, error=RuntimeError(f"generation failed: {exc}"))
+                return
+            logger.warning("admitting %d requests failed; retrying each alone", len(requests))
+            for request in requests:
+                self._admit(batch, [s for s in live if s.request is request])
+            return
+        self._first_token(live)
+        self._finished(finished)
+
+    def _step(self, batch: RunningBatch) -> None:
+        """One decoding step for every running row. Out of device memory: the newest half of
+        the rows fail (the client may retry) and the others go on."""
+        metrics.BATCH_SIZE.labels(self.model_name).observe(len(batch))
+        try:
+            finished = batch.step()
+        except torch.OutOfMemoryError:
+            evicted = batch.evict(max(1, len(batch) // 2))
+            logger.warning("out of memory decoding; %d rows fail", len(evicted))
+            _empty_cache()
+            for slot in evicted:
+                self._settle(slot, error=RuntimeError("out of device memory while decoding"))
+            return
+        except Exception as exc:
+            logger.exception("a decoding step failed; its %d rows fail", len(batch))
+            for slot in batch.clear():
+                self._settle(slot, error=RuntimeError(f"generation failed: {exc}"))
+            return
+        self._finished(finished)
+
+    def _live(self, slots: list[_Slot]) -> list[_Slot]:
+        live = [s for s in slots if not s.request.should_stop()]
+        for slot in slots:
+            if slot not in live:
+                self._settle(slot, error=DeadlineExceeded(self.config.request_timeout_s))
+        return live
+
+    def _finished(self, finished: list[tuple[_Slot, Completion]]) -> None:
+        for slot, completion in finished:
+            if slot.request.should_stop():  # stopped early: its text is cut, not an answer
+                self._settle(slot, error=DeadlineExceeded(self.config.request_timeout_s))
+            else:
+                self._settle(slot, completion=completion)
+
+    def _track(self, batch: RunningBatch) -> None:
+        """Publish which requests are running after a step."""
+        with self._lock:
+            self._running = {member.owner.request for member in batch.members}
+            self._running_rows = len(batch)
+            self._publish_load()
+
+    # ---- whole batches: one generate call per batch (static cache, --compile) ---------
+
+    def _work_whole_batches(self) -> None:
         while True:
             batch = self._next_batch()
             if batch is None:
@@ -233,27 +371,27 @@ class Engine:
                 if left <= 0:
                     break
                 self._lock.wait(left)
-            batch = [
-                self._queue.popleft()
-                for _ in range(min(len(self._queue), self.config.max_batch_size))
-            ]
-            now = time.monotonic()
-            for slot in batch:
-                request = slot.request
-                if request not in self._running:
-                    self._running.add(request)
-                if not any(s.request is request for s in self._queue):
-                    self._waiting.discard(request)
-                metrics.QUEUE_WAIT_SECONDS.labels(self.model_name).observe(now - request.arrived)
-            self._running_rows = len(batch)
-            self._publish_load()
+            batch = self._take(self.config.max_batch_size, 0)
         return batch
 
+    def _take(self, count: int, running: int) -> list[_Slot]:
+        """Move up to `count` rows from the queue to the running set (lock held)."""
+        taken = [self._queue.popleft() for _ in range(min(count, len(self._queue)))]
+        now = time.monotonic()
+        for slot in taken:
+            request = slot.request
+            self._running.add(request)
+            if not any(s.request is request for s in self._queue):
+                self._waiting.discard(request)
+            if request.started is None:
+                request.started = now
+            metrics.QUEUE_WAIT_SECONDS.labels(self.model_name).observe(now - request.arrived)
+        self._running_rows = running + len(taken)
+        self._publish_load()
+        return taken
+
     def _run(self, batch: list[_Slot]) -> None:
-        live = [s for s in batch if not s.request.should_stop()]
-        for slot in batch:
-            if slot not in live:
-                self._settle(slot, error=DeadlineExceeded(self.config.request_timeout_s))
+        live = self._live(batch)
         if not live:
             return
         metrics.BATCH_SIZE.labels(self.model_name).observe(len(live))
@@ -261,7 +399,6 @@ class Engine:
 
     def _generate(self, slots: list[_Slot]) -> None:
         """Run slots together; on failure, isolate the request (or half) that caused it."""
-        started = time.perf_counter()
         try:
             completions = self.generator.describe(
                 [s.row for s in slots],
@@ -289,12 +426,7 @@ class Engine:
             for request in requests:
                 self._generate([s for s in slots if s.request is request])
             return
-        metrics.GENERATION_SECONDS.labels(self.model_name).observe(time.perf_counter() - started)
-        for slot, completion in zip(slots, completions, strict=True):
-            if slot.request.should_stop():  # stopped early: its text is cut, not an answer
-                self._settle(slot, error=DeadlineExceeded(self.config.request_timeout_s))
-            else:
-                self._settle(slot, completion=completion)
+        self._finished(list(zip(slots, completions, strict=True)))
 
     def _first_token(self, slots: list[_Slot]) -> None:
         now = time.monotonic()
@@ -321,12 +453,16 @@ class Engine:
             request.pending -= 1
             if request.pending == 0:
                 request.future.set_result(list(request.results))
-                self._count(request.results)
+                self._count(request)
         except InvalidStateError:
             pass  # already failed, or cancelled by a caller that stopped waiting
 
-    def _count(self, completions: list[Completion | None]) -> None:
-        done = [c for c in completions if c is not None]
+    def _count(self, request: _Request) -> None:
+        if request.started is not None:
+            metrics.GENERATION_SECONDS.labels(self.model_name).observe(
+                time.monotonic() - request.started
+            )
+        done = [c for c in request.results if c is not None]
         metrics.IMAGES.labels(self.model_name).inc(len(done))
         metrics.GENERATED_TOKENS.labels(self.model_name).inc(sum(c.generated_tokens for c in done))
         metrics.PROMPT_TOKENS.labels(self.model_name).inc(sum(c.prompt_tokens for c in done))

@@ -33,7 +33,7 @@ PROMPT_TOKENS = Counter(
 )
 GENERATION_SECONDS = Histogram(
     f"{PREFIX}_generation_seconds",
-    "Time of one generate call (one batch of images), in seconds.",
+    "Time a request spent generating, from its first row's prefill to its last token, in seconds.",
     LABELS,
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80),
 )
@@ -64,7 +64,8 @@ REJECTED = Counter(
 )
 BATCH_SIZE = Histogram(
     f"{PREFIX}_batch_size",
-    "Rows (images) in one generate call.",
+    "Rows (images) decoded together: the running batch at each decoding step (one "
+    "generate call per batch with --compile).",
     LABELS,
     buckets=(1, 2, 4, 8, 16, 32, 64, 128),
 )

@@ -200,14 +200,13 @@ def build_parser(parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.Ar
         "--max_batch_size",
         type=int,
         default=_env("max_batch_size", d.max_batch_size, int),
-        help="most images (rows) generated together in one batch",
+        help="most images (rows) decoding at once",
     )
     engine.add_argument(
         "--batch_wait_ms",
         type=float,
         default=_env("batch_wait_ms", d.batch_wait_ms, float),
-        help="how long the first waiting row waits for requests not yet arrived; requests "
-        "already admitted and decoding their images are always waited for (up to 0.5 s)",
+        help="how long an idle engine's first request waits for others before its prefill",
     )
     engine.add_argument(
         "--max_queue_size",

@@ -1,20 +1,24 @@
-"""The batching engine in-process, on the real tiny model.
+"""The batching engine in-process, on the real tiny model, in both of its modes.
 
-The generator is the real one; `RecordingGenerator` only records the batches it is handed, and
-`PoisonedGenerator` injects a failure for one marked prompt (no real input can make the tiny
-model fail after validation, so the fault is injected to test that it stays with its request).
+Continuous batching (the default) runs a `RunningBatch`; whole-batch mode (a static cache,
+`--compile`) runs one `generate` call per batch. The model is the real one; the `Recording*`
+wrappers only record what they are handed, and the `Poisoned*` / `OutOfMemory*` ones inject a
+failure (no real input can make the tiny model fail after validation, and there is no GPU to
+run out of memory, so the fault is injected to test that it stays with its request).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from predictor import metrics
+from predictor.decoding import RunningBatch
 from predictor.engine import Engine, EngineConfig
 from predictor.errors import DeadlineExceeded, QueueFull
 from predictor.generation import Generator, Row
@@ -82,9 +86,9 @@ async def wait_until(condition, timeout_s: float = 10.0) -> None:
         await asyncio.sleep(0.01)
 
 
-def test_concurrent_requests_share_a_generate_call_with_the_same_greedy_tokens(generator) -> None:
+def test_whole_batches_share_a_generate_call_with_the_same_greedy_tokens(generator) -> None:
     recorder = RecordingGenerator(generator)
-    engine = engine_with(recorder, max_batch_size=8, batch_wait_ms=200)
+    engine = engine_with(recorder, max_batch_size=8, batch_wait_ms=200, continuous=False)
     rows = make_rows(generator, 6)
 
     async def scenario():
@@ -101,9 +105,9 @@ def test_concurrent_requests_share_a_generate_call_with_the_same_greedy_tokens(g
     assert len({c[0].text for c in together}) > 1
 
 
-def test_rows_with_different_max_new_tokens_batch_and_stop_at_their_own(generator) -> None:
+def test_whole_batch_rows_stop_at_their_own_max_new_tokens(generator) -> None:
     recorder = RecordingGenerator(generator)
-    engine = engine_with(recorder, max_batch_size=8, batch_wait_ms=200)
+    engine = engine_with(recorder, max_batch_size=8, batch_wait_ms=200, continuous=False)
     short, long = make_rows(generator, 1, 3)[0], make_rows(generator, 2, 9)[1]
 
     async def scenario():
@@ -147,7 +151,7 @@ def test_full_queue_refuses_at_once(generator) -> None:
     assert gauge(metrics.REQUESTS_WAITING) == 0 and gauge(metrics.REQUESTS_RUNNING) == 0
 
 
-def test_a_cancelled_request_stops_generating_and_frees_its_slot(generator) -> None:
+def test_whole_batch_cancelled_request_stops_and_frees_its_slot(generator) -> None:
     steps = []
     recorder = RecordingGenerator(generator)
     original = recorder.describe
@@ -161,7 +165,7 @@ def test_a_cancelled_request_stops_generating_and_frees_its_slot(generator) -> N
         return original(rows, stop_checks, step)
 
     recorder.describe = counting
-    engine = engine_with(recorder, max_batch_size=1, batch_wait_ms=0)
+    engine = engine_with(recorder, max_batch_size=1, batch_wait_ms=0, continuous=False)
 
     async def scenario():
         task = asyncio.create_task(engine.submit(make_rows(generator, 1, 3000)))
@@ -182,9 +186,9 @@ def test_a_cancelled_request_stops_generating_and_frees_its_slot(generator) -> N
     assert took < 5
 
 
-def test_a_poisoned_request_fails_alone(generator) -> None:
+def test_whole_batch_poisoned_request_fails_alone(generator) -> None:
     poisoned = PoisonedGenerator(generator)
-    engine = engine_with(poisoned, max_batch_size=8, batch_wait_ms=200)
+    engine = engine_with(poisoned, max_batch_size=8, batch_wait_ms=200, continuous=False)
     good = make_rows(generator, 2)
     bad = make_rows(generator, 1, prompt=POISON)
 
@@ -231,9 +235,9 @@ class OutOfMemoryOnBatches(RecordingGenerator):
         return self.generator.describe(rows, stop_checks, on_step)
 
 
-def test_out_of_memory_splits_the_batch_until_it_fits(generator) -> None:
+def test_whole_batch_out_of_memory_splits_the_batch_until_it_fits(generator) -> None:
     oom = OutOfMemoryOnBatches(generator)
-    engine = engine_with(oom, max_batch_size=8, batch_wait_ms=200)
+    engine = engine_with(oom, max_batch_size=8, batch_wait_ms=200, continuous=False)
     rows = make_rows(generator, 4)
 
     async def scenario():
@@ -245,3 +249,246 @@ def test_out_of_memory_splits_the_batch_until_it_fits(generator) -> None:
         engine.stop()
     assert oom.batches == [4, 2, 1, 1, 2, 1, 1]
     assert [r[0] for r in results] == [generator.describe([row])[0] for row in rows]
+
+
+# ---- continuous batching ----------------------------------------------------------------
+
+
+class RecordingBatch(RunningBatch):
+    """Records the rows of each admission (prefill) and the batch size at each step."""
+
+    admissions: list[int]
+    steps: list[int]
+
+    def __init__(self, generator: Generator):
+        super().__init__(generator)
+        self.admissions, self.steps = [], []
+
+    def admit(self, rows, owners, stop_checks):
+        self.admissions.append(len(rows))
+        return super().admit(rows, owners, stop_checks)
+
+    def step(self):
+        self.steps.append(len(self))
+        return super().step()
+
+
+def continuous_engine(generator, batch_class=RecordingBatch, **config):
+    batches: list[RecordingBatch] = []
+
+    def make(gen):
+        batch = batch_class(gen)
+        batches.append(batch)
+        return batch
+
+    engine = Engine(generator, "engine-test", EngineConfig(**config), running_batch=make)
+    assert engine.continuous
+    return engine, batches
+
+
+def test_concurrent_requests_decode_together_with_the_same_greedy_tokens(generator) -> None:
+    engine, batches = continuous_engine(generator, max_batch_size=8, batch_wait_ms=200)
+    rows = make_rows(generator, 6)
+
+    async def scenario():
+        together = await asyncio.gather(*(engine.submit([row]) for row in rows))
+        alone = [await engine.submit([row]) for row in rows]
+        return together, alone
+
+    try:
+        together, alone = asyncio.run(scenario())
+    finally:
+        engine.stop()
+    (batch,) = batches
+    assert batch.admissions[0] == 6 and batch.steps[0] == 6  # one prefill, steps of six rows
+    assert together == alone
+    assert [c[0] for c in together] == [generator.describe([row])[0] for row in rows]
+    assert len({c[0].text for c in together}) > 1
+
+
+def test_a_request_arriving_mid_decode_joins_the_running_batch(generator) -> None:
+    engine, batches = continuous_engine(generator, max_batch_size=8)
+    long, short = make_rows(generator, 1, 400)[0], make_rows(generator, 2, 5)[1]
+
+    async def scenario():
+        running = asyncio.create_task(engine.submit([long]))
+        await wait_until(lambda: batches and len(batches[0].steps) >= 10)
+        (joined,) = await engine.submit([short])
+        still_running = not running.done()
+        (finished,) = await running
+        return joined, still_running, finished
+
+    try:
+        joined, still_running, finished = asyncio.run(scenario())
+    finally:
+        engine.stop()
+    steps = batches[0].steps
+    assert still_running  # the short request was answered while the long one decoded
+    assert steps[0] == 1 and max(steps) == 2 and steps[-1] == 1
+    assert finished.generated_tokens == 400
+    assert joined == generator.describe([short])[0]
+    assert finished == generator.describe([long])[0]
+
+
+def test_rows_with_different_max_new_tokens_decode_together_and_stop_at_their_own(
+    generator,
+) -> None:
+    engine, batches = continuous_engine(generator, max_batch_size=8, batch_wait_ms=200)
+    short, long = make_rows(generator, 1, 3)[0], make_rows(generator, 2, 9)[1]
+
+    async def scenario():
+        return await asyncio.gather(engine.submit([short]), engine.submit([long]))
+
+    try:
+        (a,), (b,) = asyncio.run(scenario())
+    finally:
+        engine.stop()
+    assert batches[0].admissions == [2]
+    assert batches[0].steps[:2] == [2, 2] and batches[0].steps[-1] == 1
+    assert (a.generated_tokens, b.generated_tokens) == (3, 9)
+    assert a == generator.describe([short])[0] and b == generator.describe([long])[0]
+
+
+def test_a_seeded_sampled_request_gives_the_same_text_alone_or_beside_others(generator) -> None:
+    engine, _ = continuous_engine(generator, max_batch_size=8, batch_wait_ms=200)
+    sampled = SamplingParams(max_new_tokens=12, temperature=1.2, top_p=0.95, seed=7)
+    (seeded,) = [replace(r, sampling=sampled) for r in make_rows(generator, 1)]
+    others = make_rows(generator, 3)
+
+    async def scenario():
+        alone = await engine.submit([seeded])
+        together = await asyncio.gather(
+            engine.submit([others[1]]), engine.submit([seeded]), engine.submit([others[2]])
+        )
+        return alone, together[1]
+
+    try:
+        alone, beside = asyncio.run(scenario())
+    finally:
+        engine.stop()
+    assert alone == beside
+
+
+def test_a_cancelled_request_leaves_the_running_batch(generator) -> None:
+    engine, batches = continuous_engine(generator, max_batch_size=1)
+
+    async def scenario():
+        task = asyncio.create_task(engine.submit(make_rows(generator, 1, 3000)))
+        await wait_until(lambda: batches and len(batches[0].steps) >= 5)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await wait_until(lambda: engine.idle, timeout_s=5)
+        cancelled_at = len(batches[0].steps)
+        (done,) = await engine.submit(make_rows(generator, 1, 2))
+        return done, cancelled_at
+
+    try:
+        done, cancelled_at = asyncio.run(scenario())
+    finally:
+        engine.stop()
+    assert done.generated_tokens == 2
+    assert cancelled_at < 1000  # stopped long before its 3000 tokens
+
+
+class PoisonedBatch(RecordingBatch):
+    def admit(self, rows, owners, stop_checks):
+        if any(row.messages[-1]["content"][-1]["text"] == POISON for row in rows):
+            self.admissions.append(len(rows))
+            raise RuntimeError("injected failure")
+        return super().admit(rows, owners, stop_checks)
+
+
+def test_a_poisoned_request_fails_alone(generator) -> None:
+    engine, batches = continuous_engine(
+        generator, PoisonedBatch, max_batch_size=8, batch_wait_ms=200
+    )
+    good = make_rows(generator, 2)
+    bad = make_rows(generator, 1, prompt=POISON)
+
+    async def scenario():
+        return await asyncio.gather(
+            engine.submit([good[0]]),
+            engine.submit(bad),
+            engine.submit([good[1]]),
+            return_exceptions=True,
+        )
+
+    try:
+        first, failed, second = asyncio.run(scenario())
+        after = asyncio.run(engine.submit([good[0]]))
+    finally:
+        engine.stop()
+    assert isinstance(failed, RuntimeError) and "injected failure" in str(failed)
+    assert first == generator.describe([good[0]]) and second == generator.describe([good[1]])
+    assert batches[0].admissions[:4] == [3, 1, 1, 1]  # tried together, then one by one
+    assert after == first
+
+
+class OutOfMemoryOnAdmission(RecordingBatch):
+    """CUDA's out-of-memory error for any prefill of more than one row (no GPU here)."""
+
+    def admit(self, rows, owners, stop_checks):
+        if len(rows) > 1:
+            self.admissions.append(len(rows))
+            raise torch.OutOfMemoryError("injected: CUDA out of memory")
+        return super().admit(rows, owners, stop_checks)
+
+
+def test_out_of_memory_on_admission_splits_the_rows_until_they_fit(generator) -> None:
+    engine, batches = continuous_engine(
+        generator, OutOfMemoryOnAdmission, max_batch_size=8, batch_wait_ms=200
+    )
+    rows = make_rows(generator, 4)
+
+    async def scenario():
+        return await asyncio.gather(*(engine.submit([row]) for row in rows))
+
+    try:
+        results = asyncio.run(scenario())
+    finally:
+        engine.stop()
+    assert batches[0].admissions == [4, 2, 1, 1, 2, 1, 1]
+    assert [r[0] for r in results] == [generator.describe([row])[0] for row in rows]
+
+
+class OutOfMemoryOnceWhileDecoding(RecordingBatch):
+    """CUDA's out-of-memory error in the middle of the third step's forward pass, once."""
+
+    def step(self):
+        if len(self.steps) == 2 and not getattr(self, "failed", False):
+            self.failed = True
+            layer = self.cache.layers[0]  # a layer that already ran: the step must undo it
+            layer.keys = torch.cat([layer.keys, layer.keys[:, :, -1:]], dim=2)
+            layer.values = torch.cat([layer.values, layer.values[:, :, -1:]], dim=2)
+            self.model_forward_failed()
+        return super().step()
+
+    def model_forward_failed(self):
+        original = self.model.forward
+
+        def failing(*args, **kwargs):
+            self.model.forward = original
+            raise torch.OutOfMemoryError("injected: CUDA out of memory")
+
+        self.model.forward = failing
+
+
+def test_out_of_memory_while_decoding_fails_the_newest_rows_and_the_rest_go_on(
+    generator,
+) -> None:
+    engine, batches = continuous_engine(
+        generator, OutOfMemoryOnceWhileDecoding, max_batch_size=8, batch_wait_ms=200
+    )
+    rows = make_rows(generator, 4, 8)
+
+    async def scenario():
+        return await asyncio.gather(*(engine.submit([row]) for row in rows), return_exceptions=True)
+
+    try:
+        results = asyncio.run(scenario())
+    finally:
+        engine.stop()
+    assert batches[0].steps[:4] == [4, 4, 4, 2]  # the third step failed; two rows went on
+    assert [isinstance(r, RuntimeError) for r in results] == [False, False, True, True]
+    assert "out of device memory" in str(results[2])
+    assert [r[0] for r in results[:2]] == [generator.describe([row])[0] for row in rows[:2]]

@@ -206,7 +206,7 @@ def batch_histogram(server: LiveServer) -> tuple[float, float]:
     return values["qwen_vl_batch_size_sum"], values["qwen_vl_batch_size_count"]
 
 
-def test_v2_and_openai_requests_share_one_generate_call(
+def test_v2_and_openai_requests_decode_in_the_same_steps(
     client: openai.OpenAI, server: LiveServer
 ) -> None:
     rows_before, calls_before = batch_histogram(server)
@@ -230,8 +230,9 @@ def test_v2_and_openai_requests_share_one_generate_call(
         time.sleep(0.05)
     for thread in threads:
         thread.join()
-    rows_after, calls_after = batch_histogram(server)
-    assert (rows_after - rows_before, calls_after - calls_before) == (2, 1)
+    rows_after, steps_after = batch_histogram(server)
+    rows, steps = rows_after - rows_before, steps_after - calls_before
+    assert steps >= 1 and rows > steps  # some decoding step ran both requests' rows
     assert results["v2"].status_code == 200
     assert results["openai"].choices[0].message.content
 
