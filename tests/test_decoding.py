@@ -1,0 +1,127 @@
+"""The continuous-batching decode loop on every tiny Qwen-VL family, against `generate`.
+
+Rows join a `RunningBatch` at different steps (so their caches are padded differently) and
+must still give exactly the tokens that `Generator.describe` (transformers' `generate`) gives
+each of them alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from predictor.decoding import RunningBatch, supports_continuous_batching
+from predictor.generation import Generator, Row
+from predictor.images import fit_to_budget
+from predictor.loading import load_model
+from predictor.params import SamplingParams
+from predictor.protocol import Completion
+from predictor.settings import Settings
+from tests import images
+
+pytestmark = pytest.mark.slow
+FAMILIES = {
+    "qwen3-vl": "tiny_qwen3_vl",
+    "qwen2.5-vl": "tiny_qwen2_5_vl",
+    "qwen2-vl": "tiny_qwen2_vl",
+}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def generator(request: pytest.FixtureRequest) -> Generator:
+    model_dir: Path = request.getfixturevalue(FAMILIES[request.param])
+    loaded = load_model(Settings(model_dir=str(model_dir), device="cpu"))
+    return Generator(loaded.model, loaded.processor)
+
+
+def rows_for(generator: Generator) -> list[Row]:
+    budget, factor = generator.default_budget, generator.resize_factor
+    cases = [
+        (images.gradient((160, 120)), "Describe this image.", 40),
+        (images.solid((48, 96), (0, 0, 255)), "Hi", 25),
+        (images.gradient((64, 64)), "What colour is it? Answer in one sentence now.", 60),
+        (images.solid((90, 40), (250, 200, 0)), "x", 1),
+    ]
+    return [
+        Row.single(fit_to_budget(p, budget, factor), prompt, SamplingParams(max_new_tokens=n))
+        for p, prompt, n in cases
+    ]
+
+
+def test_every_family_supports_continuous_batching(generator: Generator) -> None:
+    assert supports_continuous_batching(generator)
+
+
+def test_rows_joining_at_different_steps_give_the_tokens_generate_gives(
+    generator: Generator,
+) -> None:
+    rows = rows_for(generator)
+    alone = [generator.describe([row])[0] for row in rows]
+    batch = RunningBatch(generator)
+    done: dict[int, Completion] = {}
+    sizes = []
+
+    def collect(finished) -> None:
+        done.update(finished)
+
+    collect(batch.admit([rows[0]], [0], [None]))
+    for _ in range(5):
+        collect(batch.step())
+    collect(batch.admit(rows[1:3], [1, 2], [None, None]))  # prefilled together, then joined
+    for _ in range(3):
+        collect(batch.step())
+    collect(batch.admit([rows[3]], [3], [None]))  # a one-token row finishes at its prefill
+    while len(batch):
+        sizes.append(len(batch))
+        collect(batch.step())
+    assert [done[i] for i in range(4)] == alone
+    assert [c.generated_tokens for c in alone] == [40, 25, 60, 1]
+    assert max(sizes) == 3 and sizes[-1] == 1  # rows left as they finished
+
+
+def test_a_stopped_row_leaves_and_the_others_are_unchanged(generator: Generator) -> None:
+    rows = rows_for(generator)[:3]
+    alone = [generator.describe([row])[0] for row in rows[1:]]
+    stop = {"now": False}
+    batch = RunningBatch(generator)
+    finished = dict(batch.admit(rows, [0, 1, 2], [lambda: stop["now"], None, None]))
+    for _ in range(3):
+        finished.update(batch.step())
+    stop["now"] = True
+    finished.update(batch.step())
+    assert 0 in finished and len(batch) == 2  # row 0 left at the next step
+    while len(batch):
+        finished.update(batch.step())
+    assert [finished[1], finished[2]] == alone
+
+
+def test_a_seeded_row_samples_the_same_text_alone_or_beside_others(
+    generator: Generator,
+) -> None:
+    sampled = SamplingParams(max_new_tokens=12, temperature=1.3, top_p=0.9, top_k=40, seed=11)
+    rows = rows_for(generator)
+    seeded = replace(rows[0], sampling=sampled)
+
+    def run(batch_rows: list[Row]) -> Completion:
+        batch = RunningBatch(generator)
+        finished = dict(batch.admit(batch_rows, list(range(len(batch_rows))), [None] * 3))
+        while len(batch):
+            finished.update(batch.step())
+        return finished[1]
+
+    first = run([rows[1], seeded, rows[2]])
+    second = run([rows[2], seeded, replace(rows[3], sampling=sampled)])
+    assert first == second and first.generated_tokens == 12
+
+
+def test_repetition_penalty_matches_generate(generator: Generator) -> None:
+    row = replace(
+        rows_for(generator)[0], sampling=SamplingParams(max_new_tokens=20, repetition_penalty=1.5)
+    )
+    batch = RunningBatch(generator)
+    finished = dict(batch.admit([row], [0], [None]))
+    while len(batch):
+        finished.update(batch.step())
+    assert finished[0] == generator.describe([row])[0]
