@@ -134,6 +134,7 @@ class Engine:
         self.model_name = model_name
         self.config = config
         self.continuous = config.continuous and supports_continuous_batching(generator)
+        self._batch_size = metrics.BATCH_SIZE.labels(model_name)  # observed at every step
         self._running_batch = running_batch
         self._queue: deque[_Slot] = deque()
         self._waiting: set[_Request] = set()
@@ -301,7 +302,7 @@ class Engine:
     def _step(self, batch: RunningBatch) -> None:
         """One decoding step for every running row. Out of device memory: the newest half of
         the rows fail (the client may retry) and the others go on."""
-        metrics.BATCH_SIZE.labels(self.model_name).observe(len(batch))
+        self._batch_size.observe(len(batch))
         try:
             finished = batch.step()
         except torch.OutOfMemoryError:
@@ -333,7 +334,9 @@ class Engine:
                 self._settle(slot, completion=completion)
 
     def _track(self, batch: RunningBatch) -> None:
-        """Publish which requests are running after a step."""
+        """Publish which requests are running, when rows joined or left in this step."""
+        if len(batch) == self._running_rows and not self._queue:
+            return  # nothing changed (rows only leave by finishing, which shrinks the batch)
         with self._lock:
             self._running = {member.owner.request for member in batch.members}
             self._running_rows = len(batch)

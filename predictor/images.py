@@ -116,7 +116,8 @@ def _decode(
                     image.draft("RGB", stored)
             image.seek(0)  # animated GIF/WebP/TIFF: describe the first frame
             image.load()
-            image = to_rgb(ImageOps.exif_transpose(image))
+            ImageOps.exif_transpose(image, in_place=True)  # not in place, it always copies
+            image = to_rgb(image)
             if size is not None and image.size != size:
                 image = resize(image, size)
             return image

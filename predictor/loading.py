@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from predictor.errors import StartupError
+from predictor.patch_embedding import use_matmul_patch_embeddings
 from predictor.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -156,4 +157,5 @@ def load_model(settings: Settings) -> LoadedModel:
     if quantization is None:
         model = model.to(device)
     model.eval()
+    use_matmul_patch_embeddings(model)
     return LoadedModel(model, processor, model_type, device, dtype)
