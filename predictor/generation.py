@@ -10,13 +10,15 @@ Rows with a `seed` only share a call with rows of the same request (`group`), so
 request gives the same text whatever else is running. Greedy rows give the same tokens alone
 or in a batch (tested in fp32).
 
-Not thread-safe: one caller at a time (the engine's worker thread), which also keeps `seed`
-reproducible with torch's global generator.
+`describe` is not thread-safe: one caller at a time (the engine's worker thread), which also
+keeps `seed` reproducible with torch's global generator. `encode` may run on many threads.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -70,6 +72,7 @@ class EncodedRow:
 
 StopCheck = Callable[[], bool]
 TextSink = Callable[[str], None]
+TEXT_CACHE_SIZE = 256  # conversations whose tokenized text `Generator.encode` keeps
 # Processor outputs laid out along the token sequence (padded on the left when batching).
 _SEQUENCE_KEYS = {"input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids"}
 
@@ -181,6 +184,8 @@ class Generator:
         self.tokenizer.padding_side = "left"
         self.device = model.device
         self.stop_token_ids = self._stop_token_ids()
+        self._text_inputs: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
+        self._text_lock = threading.Lock()  # encode() runs on many request threads
         self.pad_token_id = (
             self.tokenizer.pad_token_id
             if self.tokenizer.pad_token_id is not None
@@ -252,7 +257,7 @@ class Generator:
         features as encoding it in a batch. `merge` joins encoded rows the way the processor
         and the model would have batched them.
         """
-        tensors = dict(self._process([row]))
+        tensors = self._processed(row)
         pixel_values = tensors.pop("pixel_values", None)
         features = None
         if pixel_values is not None:
@@ -267,6 +272,39 @@ class Generator:
                 **{key: value for key, value in output.items() if key != "last_hidden_state"}
             )
         return EncodedRow(tensors, features)
+
+    def _processed(self, row: Row) -> dict[str, torch.Tensor]:
+        """The processor's output for one row. Its text part (chat template, image placeholders
+        expanded, tokens) depends only on the conversation and the image grids, and most
+        requests repeat both (one prompt for a folder of same-size photos), so it is kept for
+        the last `TEXT_CACHE_SIZE` of them and only the images go through the processor."""
+        if not row.images:
+            return dict(self._process([row]))
+        images = self._process_images(row.images)
+        key = (self._prompt_text(row), tuple(images["image_grid_thw"].flatten().tolist()))
+        with self._text_lock:
+            text = self._text_inputs.get(key)
+            if text is not None:
+                self._text_inputs.move_to_end(key)
+        if text is not None:
+            return {**text, **images}
+        processed = dict(self._process([row]))
+        text = {k: v for k, v in processed.items() if k not in images}
+        with self._text_lock:
+            self._text_inputs[key] = text
+            while len(self._text_inputs) > TEXT_CACHE_SIZE:
+                self._text_inputs.popitem(last=False)
+        return processed
+
+    def _process_images(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
+        pixels = [image.width * image.height for image in images]
+        return dict(
+            self.processor.image_processor(
+                images=list(images),
+                size={"shortest_edge": min(pixels), "longest_edge": max(pixels)},
+                return_tensors="pt",
+            )
+        )
 
     def _process(self, rows: Sequence[Row]) -> Any:
         # Images arrive at their final size; a size range that contains every one of them keeps

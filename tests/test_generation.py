@@ -156,6 +156,25 @@ def test_rows_encoded_ahead_merge_exactly_like_a_processor_batch(generator: Gene
         assert torch.equal(batched[key], merged[key]), key
 
 
+def test_a_repeated_conversation_reuses_its_text_and_matches_the_processor(
+    generator: Generator,
+) -> None:
+    rows = rows_for(generator)
+    twin = Row.single(
+        rows[0].images[0].transpose(Image.Transpose.ROTATE_180), "Describe this image.", GREEDY
+    )
+    generator._text_inputs.clear()
+    first, again = generator.encode(rows[0]), generator.encode(twin)  # a miss, then a hit
+    assert len(generator._text_inputs) == 1
+    for encoded, row in ((first, rows[0]), (again, twin)):
+        expected = {k: v for k, v in generator._process([row]).items() if k != "pixel_values"}
+        assert sorted(encoded.tensors) == sorted(expected)
+        for key in expected:
+            assert torch.equal(encoded.tensors[key], expected[key]), key
+    generator.encode(rows[1])  # another prompt and size: its own entry
+    assert len(generator._text_inputs) == 2
+
+
 def test_image_features_encoded_ahead_match_the_batched_vision_encoder(
     generator: Generator,
 ) -> None:
