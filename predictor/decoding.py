@@ -251,10 +251,21 @@ class RunningBatch:
             self.cache, self.mask, self.positions = cache, mask.long(), positions
             self.members, self.last_tokens = members, new_tokens
             return
-        length = max(self.mask.shape[1], mask.shape[1])
-        for old, new in zip(self.cache.layers, cache.layers, strict=True):
-            old.keys = torch.cat([_pad_left(old.keys, length), _pad_left(new.keys, length)])
-            old.values = torch.cat([_pad_left(old.values, length), _pad_left(new.values, length)])
+        rows, old_length = self.mask.shape
+        length = max(old_length, mask.shape[1])
+        joined = []
+        try:
+            for old, new in zip(self.cache.layers, cache.layers, strict=True):
+                keys = torch.cat([_pad_left(old.keys, length), _pad_left(new.keys, length)])
+                values = torch.cat([_pad_left(old.values, length), _pad_left(new.values, length)])
+                old.keys, old.values = keys, values
+                joined.append(old)
+        except BaseException:  # out of memory half-way: put the layers already joined back
+            start = length - old_length
+            for layer in joined:
+                layer.keys = layer.keys[:rows, :, start:]
+                layer.values = layer.values[:rows, :, start:]
+            raise
         self.mask = torch.cat([_pad_left(self.mask, length), _pad_left(mask.long(), length)])
         self.positions = torch.cat([self.positions, positions], dim=1)
         self.last_tokens = torch.cat([self.last_tokens, new_tokens])

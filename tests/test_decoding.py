@@ -11,7 +11,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
+from predictor import decoding
 from predictor.decoding import RunningBatch, supports_continuous_batching
 from predictor.generation import Generator, Row
 from predictor.images import fit_to_budget
@@ -125,3 +127,30 @@ def test_repetition_penalty_matches_generate(generator: Generator) -> None:
     while len(batch):
         finished.update(batch.step())
     assert finished[0] == generator.describe([row])[0]
+
+
+def test_running_out_of_memory_while_joining_leaves_the_running_rows_as_they_were(
+    generator: Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rows = rows_for(generator)
+    expected = generator.describe([rows[0]])[0]
+    batch = RunningBatch(generator)
+    finished = dict(batch.admit([rows[0]], [0], [None]))
+    for _ in range(3):
+        finished.update(batch.step())
+    pad_left, calls = decoding._pad_left, []
+
+    def failing(tensor: torch.Tensor, length: int) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) == 5:  # the second layer: the first one is joined already
+            raise torch.OutOfMemoryError("injected: CUDA out of memory")
+        return pad_left(tensor, length)
+
+    monkeypatch.setattr(decoding, "_pad_left", failing)
+    with pytest.raises(torch.OutOfMemoryError):
+        batch.admit([rows[1]], [1], [None])
+    monkeypatch.setattr(decoding, "_pad_left", pad_left)
+    assert len(batch) == 1
+    while len(batch):
+        finished.update(batch.step())
+    assert finished[0] == expected
