@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from predictor.decoding import RunningBatch
 from predictor.generation import Generator, Row
 from predictor.images import fit_to_budget
 from predictor.loading import load_model
@@ -46,3 +47,25 @@ def test_static_cache_for_compile(tiny_qwen3_vl: Path) -> None:
     settings = Settings(model_dir=str(tiny_qwen3_vl), compile=True)
     greedy = describe(Settings(model_dir=str(tiny_qwen3_vl)))
     assert [c.text for c in describe(settings, static_cache=True)] == [c.text for c in greedy]
+
+
+def test_continuous_batching_on_cuda_gives_the_tokens_generate_gives(tiny_qwen3_vl: Path) -> None:
+    loaded = load_model(Settings(model_dir=str(tiny_qwen3_vl), dtype="float32"))
+    generator = Generator(loaded.model, loaded.processor)
+    budget = generator.default_budget
+    rows = [
+        Row.single(fit_to_budget(picture, budget, 32), prompt, SamplingParams(max_new_tokens=n))
+        for picture, prompt, n in (
+            (images.gradient((128, 96)), "Describe this image.", 24),
+            (images.solid((64, 64), (0, 0, 255)), "What colour is it?", 12),
+        )
+    ]
+    expected = [generator.describe([row])[0] for row in rows]
+    batch = RunningBatch(generator)
+    finished = dict(batch.admit([rows[0]], [0], [None]))
+    for _ in range(4):
+        finished.update(batch.step())
+    finished.update(batch.admit([rows[1]], [1], [None]))
+    while len(batch):
+        finished.update(batch.step())
+    assert [finished[0], finished[1]] == expected
