@@ -7,6 +7,7 @@ Order matters: the model loads and warms up before the server starts listening, 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 from collections.abc import Sequence
@@ -52,6 +53,24 @@ def _configure_logging() -> None:
         logger.propagate = False
 
 
+def use_event_loop(choice: str) -> None:
+    """Apply KServe's `--event_loop` (auto: uvloop when installed) to the loop the server runs
+    on. KServe passes it to uvicorn but then starts its servers with `asyncio.run`, which
+    makes a default asyncio loop whatever the flag says; a policy set first is honoured."""
+    if choice == "asyncio":
+        return
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise StartupError("--event_loop uvloop, but uvloop is not installed") from None
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    # KServe configures `asyncio.get_event_loop()` before `asyncio.run`; give it one to find.
+    asyncio.set_event_loop(asyncio.new_event_loop())
+    logger.info("event loop: uvloop")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     # Imported here: KServe parses sys.argv when its model_server module is imported.
     from kserve import ModelServer
@@ -82,6 +101,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     model = QwenVLModel(settings)
     try:
+        use_event_loop(args.event_loop)
         model.load()
     except StartupError as exc:
         logger.error("cannot start: %s", exc)
