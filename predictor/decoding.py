@@ -125,7 +125,7 @@ class RunningBatch:
     ) -> list[Finished]:
         """Prefill `rows` in one forward pass, take each row's first token, and add the rows
         to the batch. Returns rows already finished (a one-token limit, an immediate stop)."""
-        inputs = self.generator.merge([row.inputs or self.generator.encode(row) for row in rows])
+        inputs = self.generator.inputs_for(rows)
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
         if "image_grid_thw" in inputs:

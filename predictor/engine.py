@@ -120,6 +120,9 @@ class _Slot:
         return self.request.rows[self.index]
 
 
+Finished = list[tuple[_Slot, Completion]]  # rows that ended, with their completions
+
+
 class Engine:
     """Owns the generator on one worker thread; `submit` is the only entry point."""
 
@@ -266,38 +269,18 @@ class Engine:
             return self._take(self.config.max_batch_size - running, running)
 
     def _admit(self, batch: RunningBatch, slots: list[_Slot]) -> None:
-        """Prefill slots into the running batch; a failure stays with its request (a CUDA
-        out-of-memory error halves the rows until they fit)."""
-        live = self._live(slots)
-        if not live:
-            return
-        try:
+        """Prefill slots into the running batch (failures isolated, see `_isolated`)."""
+
+        def prefill(rows: list[_Slot]) -> list[tuple[_Slot, Completion]]:
             finished = batch.admit(
-                [s.row for s in live], live, [s.request.should_stop for s in live]
+                [s.row for s in rows], rows, [s.request.should_stop for s in rows]
             )
-        except torch.OutOfMemoryError:
-            if len(live) == 1:
-                self._settle(live[0], error=RuntimeError("out of device memory on one image"))
-                return
-            logger.warning("out of memory admitting %d rows; splitting them", len(live))
-            _empty_cache()
-            half = len(live) // 2
-            self._admit(batch, live[:half])
-            self._admit(batch, live[half:])
-            return
-        except Exception as exc:
-            requests = list(dict.fromkeys(s.request for s in live))
-            if len(requests) == 1:
-                logger.exception("generation failed for one request")
-                for slot in live:
-                    self._settle(slot, error=RuntimeError(f"generation failed: {exc}"))
-                return
-            logger.warning("admitting %d requests failed; retrying each alone", len(requests))
-            for request in requests:
-                self._admit(batch, [s for s in live if s.request is request])
-            return
-        self._first_token(live)
-        self._finished(finished)
+            self._first_token(rows)
+            return finished
+
+        live = self._live(slots)
+        if live:
+            self._isolated(live, prefill)
 
     def _step(self, batch: RunningBatch) -> None:
         """One decoding step for every running row. Out of device memory: the newest half of
@@ -326,7 +309,7 @@ class Engine:
                 self._settle(slot, error=DeadlineExceeded(self.config.request_timeout_s))
         return live
 
-    def _finished(self, finished: list[tuple[_Slot, Completion]]) -> None:
+    def _finished(self, finished: Finished) -> None:
         for slot, completion in finished:
             if slot.request.should_stop():  # stopped early: its text is cut, not an answer
                 self._settle(slot, error=DeadlineExceeded(self.config.request_timeout_s))
@@ -397,26 +380,37 @@ class Engine:
         live = self._live(batch)
         if not live:
             return
-        metrics.BATCH_SIZE.labels(self.model_name).observe(len(live))
+        self._batch_size.observe(len(live))
         self._generate(live)
 
     def _generate(self, slots: list[_Slot]) -> None:
-        """Run slots together; on failure, isolate the request (or half) that caused it."""
-        try:
+        """One `generate` call for the slots (failures isolated, see `_isolated`)."""
+
+        def generate(rows: list[_Slot]) -> list[tuple[_Slot, Completion]]:
             completions = self.generator.describe(
-                [s.row for s in slots],
-                stop_checks=[s.request.should_stop for s in slots],
-                on_step=lambda: self._first_token(slots),
+                [s.row for s in rows],
+                stop_checks=[s.request.should_stop for s in rows],
+                on_step=lambda: self._first_token(rows),
             )
+            return list(zip(rows, completions, strict=True))
+
+        self._isolated(slots, generate)
+
+    def _isolated(self, slots: list[_Slot], run: Callable[[list[_Slot]], Finished]) -> None:
+        """Run the model on slots together; if that fails, the failure stays with the request
+        that caused it: each request is retried alone, and a CUDA out-of-memory error splits
+        the rows in halves until they fit (one image that does not fit fails alone)."""
+        try:
+            finished = run(slots)
         except torch.OutOfMemoryError:
             if len(slots) == 1:
                 self._settle(slots[0], error=RuntimeError("out of device memory on one image"))
                 return
-            logger.warning("out of memory on a batch of %d rows; splitting it", len(slots))
+            logger.warning("out of memory on %d rows; splitting them", len(slots))
             _empty_cache()
             half = len(slots) // 2
-            self._generate(slots[:half])
-            self._generate(slots[half:])
+            self._isolated(slots[:half], run)
+            self._isolated(slots[half:], run)
             return
         except Exception as exc:
             requests = list(dict.fromkeys(s.request for s in slots))
@@ -425,11 +419,11 @@ class Engine:
                 for slot in slots:
                     self._settle(slot, error=RuntimeError(f"generation failed: {exc}"))
                 return
-            logger.warning("a batch of %d requests failed; retrying each alone", len(requests))
+            logger.warning("%d requests failed together; retrying each alone", len(requests))
             for request in requests:
-                self._generate([s for s in slots if s.request is request])
+                self._isolated([s for s in slots if s.request is request], run)
             return
-        self._finished(list(zip(slots, completions, strict=True)))
+        self._finished(finished)
 
     def _first_token(self, slots: list[_Slot]) -> None:
         now = time.monotonic()

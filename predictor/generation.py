@@ -297,26 +297,21 @@ class Generator:
         return processed
 
     def _process_images(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
-        pixels = [image.width * image.height for image in images]
         return dict(
             self.processor.image_processor(
-                images=list(images),
-                size={"shortest_edge": min(pixels), "longest_edge": max(pixels)},
-                return_tensors="pt",
+                images=list(images), size=_size_range(images), return_tensors="pt"
             )
         )
 
     def _process(self, rows: Sequence[Row]) -> Any:
-        # Images arrive at their final size; a size range that contains every one of them keeps
-        # the processor from resizing again (which would change the grid and cost time).
+        """The processor on rows whose images are already at their model-input size."""
         images = [image for row in rows for image in row.images]
-        pixels = [image.width * image.height for image in images]
         return self.processor(
             text=[self._prompt_text(row) for row in rows],
             images=images,
             padding=True,
             return_tensors="pt",
-            size={"shortest_edge": min(pixels), "longest_edge": max(pixels)},
+            size=_size_range(images),
         )
 
     def merge(self, encoded: Sequence[EncodedRow]) -> dict[str, Any]:
@@ -340,7 +335,8 @@ class Generator:
             merged["mm_encoder_outputs"] = {"image": type(first)(**joined)}
         return merged
 
-    def _inputs(self, rows: Sequence[Row]) -> dict[str, Any]:
+    def inputs_for(self, rows: Sequence[Row]) -> dict[str, Any]:
+        """The model's inputs for rows, encoding those that were not encoded ahead."""
         return self.merge([row.inputs or self.encode(row) for row in rows])
 
     def _generation_config(self, sampling: SamplingParams) -> GenerationConfig:
@@ -370,7 +366,7 @@ class Generator:
         stop_checks: Sequence[StopCheck | None],
         on_step: Callable[[], None] | None,
     ) -> list[Completion]:
-        inputs = self._inputs(rows)
+        inputs = self.inputs_for(rows)
         states = [_RowState(self, row) for row in rows]
         sampling = replace(rows[0].sampling, max_new_tokens=max(s.limit for s in states))
         if sampling.seed is not None:
@@ -407,3 +403,10 @@ def _join(parts: Sequence[Any]) -> Any:
     if isinstance(first, list):
         return [_join([part[i] for part in parts]) for i in range(len(first))]
     raise TypeError(f"unexpected image feature type {type(first).__name__}")
+
+
+def _size_range(images: Sequence[Image.Image]) -> dict[str, int]:
+    """A processor `size` whose pixel range holds every image as it is, so the processor
+    does not resize them again (that would change the grid and cost time)."""
+    pixels = [image.width * image.height for image in images]
+    return {"shortest_edge": min(pixels), "longest_edge": max(pixels)}

@@ -117,7 +117,7 @@ def test_processor_keeps_the_pre_resized_grid(generator: Generator) -> None:
     image = images.gradient((300, 200))
     budget, factor = generator.default_budget, generator.resize_factor
     row = Row.single(fit_to_budget(image, budget, factor), "x", GREEDY)
-    fast = generator._inputs([row])
+    fast = generator.inputs_for([row])
     slow = generator.processor(
         text=[generator._prompt_text(row)], images=[image], return_tensors="pt"
     )
@@ -132,7 +132,7 @@ def test_draft_path_matches_the_slow_path_grid(generator: Generator, exif) -> No
     limits = ImageLimits(max_bytes=50_000_000, max_decoded_pixels=50_000_000)
     budget, factor = generator.default_budget, generator.resize_factor
     row = Row.single(prepare_image(photo, limits, "image", budget, factor), "x", GREEDY)
-    fast = generator._inputs([row])
+    fast = generator.inputs_for([row])
     slow = generator.processor(
         text=[generator._prompt_text(row)],
         images=[load_image(photo, limits, "image")],
