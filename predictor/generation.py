@@ -30,6 +30,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 from predictor.images import PixelBudget, fit_to_budget
 from predictor.params import SamplingParams
 from predictor.protocol import Completion
+from predictor.vision_graphs import VisionEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -173,8 +174,11 @@ class _RowTracker(StoppingCriteria):
 class Generator:
     """Owns the model and processor; turns rows into completions."""
 
-    def __init__(self, model: Any, processor: Any, static_cache: bool = False):
+    def __init__(
+        self, model: Any, processor: Any, static_cache: bool = False, trace_vision: bool = True
+    ):
         self.model = model
+        self.vision = VisionEncoder(model, trace=trace_vision)  # see predictor.vision_graphs
         # A static KV cache makes decoding shapes fixed, which lets transformers compile the
         # decoding step with torch.compile on CUDA (its auto-compile for compileable caches).
         self.static_cache = static_cache
@@ -261,15 +265,9 @@ class Generator:
         pixel_values = tensors.pop("pixel_values", None)
         features = None
         if pixel_values is not None:
-            output = self.model.get_image_features(
-                pixel_values=pixel_values.to(self.device, dtype=self.model.dtype),
-                image_grid_thw=tensors["image_grid_thw"].to(self.device),
-                return_dict=True,
-            )
-            # Keep what the language model consumes (per-image embeddings, and Qwen3-VL's
-            # deepstack features); the encoder's unmerged last hidden state is 4x larger.
-            features = type(output)(
-                **{key: value for key, value in output.items() if key != "last_hidden_state"}
+            features = self.vision(
+                pixel_values.to(self.device, dtype=self.model.dtype),
+                tensors["image_grid_thw"].to(self.device),
             )
         return EncodedRow(tensors, features)
 

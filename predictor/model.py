@@ -85,7 +85,10 @@ class QwenVLModel(Model):
         started = time.perf_counter()
         loaded = load_model(self.settings)
         self.generator = Generator(
-            loaded.model, loaded.processor, static_cache=self.settings.compile
+            loaded.model,
+            loaded.processor,
+            static_cache=self.settings.compile,
+            trace_vision=self.settings.trace_vision,
         )
         self.limits = self._request_limits(self.generator.default_budget)
         if self.settings.warmup:

@@ -48,6 +48,7 @@ class Settings:
     max_decoded_pixels: int = 50_000_000
     warmup: bool = True
     compile: bool = False
+    trace_vision: bool = True
     cpu_threads: int = 0
     served_model_aliases: tuple[str, ...] = ()
     allow_remote_images: bool = False
@@ -185,6 +186,15 @@ def build_parser(parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.Ar
         default=_env("compile", d.compile, _bool),
         help="CUDA only: static KV cache plus torch.compile; faster decoding after a warm-up "
         "that compiles (minutes for an 8B model)",
+    )
+
+    runtime.add_argument(
+        "--trace_vision",
+        type=_bool,
+        default=_env("trace_vision", d.trace_vision, _bool),
+        help="run the vision encoder as a traced graph for image sizes seen before (it then "
+        "runs without holding Python's GIL, so it does not slow the decoding thread); false: "
+        "always eager",
     )
 
     runtime.add_argument(

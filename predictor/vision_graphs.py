@@ -1,0 +1,184 @@
+"""The vision encoder, run as a traced graph for image grids the server has seen before.
+
+Why: the vision encoder runs on request threads while the engine's thread decodes (see
+`predictor.engine`). Run eagerly, it is hundreds of small tensor operations, and PyTorch
+releases and re-takes the GIL around each of them; every re-take while the decoding thread
+runs costs that thread time too. On this project's CPU benchmark, an eager encoder on request
+threads cut the throughput of 16 concurrent clients by a quarter; the same encoder as a
+TorchScript graph, which runs all its operations with the GIL released, cost nothing
+measurable, and is itself 10-30% faster.
+
+A traced graph is only valid for the image grid it was traced with: the encoder computes
+positions, window and attention boundaries from `image_grid_thw` in Python, and tracing records
+them as constants. So graphs are kept per grid, in a small LRU, and a grid is traced the
+second time it is seen (a folder of photos from one camera repeats one grid; a one-off size
+does not pay for a trace). Before a graph is used it must reproduce the eager output exactly;
+if tracing fails or the outputs differ, that grid stays eager. `--trace_vision false` turns
+it off.
+
+TorchScript is in maintenance in PyTorch (`torch.jit.trace` warns that it is deprecated in
+favour of `torch.compile` and `torch.export`). Neither of those runs a whole graph without
+the GIL on a CPU without minutes of compilation per shape, so this module keeps tracing, with
+the eager path as its fallback.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import warnings
+from collections import Counter, OrderedDict
+from typing import Any
+
+import torch
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
+
+logger = logging.getLogger(__name__)
+
+TRACE_AFTER = 2  # a grid is traced when it is seen for the second time
+MAX_GRAPHS = 16  # traced grids kept (least recently used dropped)
+MAX_REMEMBERED = 4096  # grids counted or refused before those records start over
+
+# Tracing records grid-derived values as constants on purpose, and says so; so does the
+# deprecation notice above. Both would otherwise be logged at every trace.
+warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+warnings.filterwarnings(
+    "ignore", message=r".*torch\.jit\.trace.* is deprecated", category=FutureWarning
+)
+
+
+class VisionEncoder:
+    """`model.get_image_features` without the encoder's unmerged last hidden state, traced
+    per image grid when `trace` is on. Safe to call from many threads."""
+
+    def __init__(self, model: Any, trace: bool = True, trace_after: int = TRACE_AFTER):
+        self.model = model
+        self.trace = trace
+        self.trace_after = trace_after
+        self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()
+        self._seen: Counter[tuple] = Counter()
+        self._eager_only: set[tuple] = set()
+        self._lock = threading.Lock()
+        self._tracing = threading.Lock()  # one trace at a time; others run eagerly meanwhile
+
+    @property
+    def traced_grids(self) -> list[tuple]:
+        with self._lock:
+            return list(self._graphs)
+
+    @torch.inference_mode()
+    def __call__(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> Any:
+        if not self.trace:
+            return self.eager(pixel_values, image_grid_thw)
+        key = (
+            tuple(image_grid_thw.flatten().tolist()),
+            pixel_values.dtype,
+            str(pixel_values.device),
+        )
+        graph = self._graph(key)
+        if graph is not None:
+            return graph(pixel_values, image_grid_thw)
+        output = self.eager(pixel_values, image_grid_thw)
+        if self._due(key) and self._tracing.acquire(blocking=False):
+            try:
+                self._trace(key, pixel_values, image_grid_thw, output)
+            finally:
+                self._tracing.release()
+        return output
+
+    def eager(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> Any:
+        output = self.model.get_image_features(
+            pixel_values=pixel_values, image_grid_thw=image_grid_thw, return_dict=True
+        )
+        # Keep what the language model consumes (per-image embeddings, and Qwen3-VL's
+        # deepstack features); the encoder's unmerged last hidden state is 4x larger.
+        return type(output)(**{k: v for k, v in output.items() if k != "last_hidden_state"})
+
+    def _graph(self, key: tuple) -> _Graph | None:
+        with self._lock:
+            graph = self._graphs.get(key)
+            if graph is not None:
+                self._graphs.move_to_end(key)
+                return graph
+            if len(self._seen) >= MAX_REMEMBERED:
+                self._seen.clear()  # many one-off grids: forget them rather than grow
+            self._seen[key] += 1
+            return None
+
+    def _due(self, key: tuple) -> bool:
+        with self._lock:
+            return (
+                key not in self._graphs
+                and key not in self._eager_only
+                and self._seen[key] >= self.trace_after
+            )
+
+    def _trace(
+        self, key: tuple, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, expected: Any
+    ) -> None:
+        try:
+            graph = _Graph.trace(self, pixel_values, image_grid_thw)
+            same = _equal(graph(pixel_values, image_grid_thw), expected)
+        except Exception as exc:  # tracing is an optimisation: any failure keeps eager
+            logger.warning("vision encoder stays eager for grid %s: %s", key[0], exc)
+            same, graph = False, None
+        with self._lock:
+            if graph is None or not same:
+                if graph is not None:
+                    logger.warning(
+                        "vision encoder stays eager for grid %s: traced output differs from eager",
+                        key[0],
+                    )
+                if len(self._eager_only) >= MAX_REMEMBERED:
+                    self._eager_only.clear()
+                self._eager_only.add(key)
+                return
+            self._graphs[key] = graph
+            self._seen.pop(key, None)
+            while len(self._graphs) > MAX_GRAPHS:
+                self._graphs.popitem(last=False)
+        logger.info("vision encoder traced for grid %s", key[0])
+
+
+class _Flat(torch.nn.Module):
+    """The encoder with its output flattened to a tuple of tensors, which tracing needs."""
+
+    def __init__(self, encoder: VisionEncoder):
+        super().__init__()
+        self.model = encoder.model
+        self.encoder = encoder
+        self.spec: TreeSpec | None = None
+
+    def forward(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> tuple:
+        leaves, self.spec = tree_flatten(self.encoder.eager(pixel_values, image_grid_thw))
+        return tuple(leaves)
+
+
+class _Graph:
+    """One traced encoder for one grid, rebuilding the eager output's structure."""
+
+    def __init__(self, module: Any, spec: TreeSpec):
+        self.module = module
+        self.spec = spec
+
+    @classmethod
+    def trace(
+        cls, encoder: VisionEncoder, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor
+    ) -> _Graph:
+        flat = _Flat(encoder)
+        module = torch.jit.trace(
+            flat, (pixel_values, image_grid_thw), check_trace=False, strict=False
+        )
+        assert flat.spec is not None
+        return cls(module, flat.spec)
+
+    def __call__(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> Any:
+        return tree_unflatten(list(self.module(pixel_values, image_grid_thw)), self.spec)
+
+
+def _equal(actual: Any, expected: Any) -> bool:
+    got, got_spec = tree_flatten(actual)
+    want, want_spec = tree_flatten(expected)
+    return got_spec == want_spec and all(
+        isinstance(a, torch.Tensor) and torch.equal(a, b) for a, b in zip(got, want, strict=True)
+    )
