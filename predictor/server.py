@@ -8,6 +8,7 @@ Order matters: the model loads and warms up before the server starts listening, 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import sys
 from collections.abc import Sequence
@@ -130,6 +131,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     chat = ChatService(model, settings.served_model_aliases, remote)
     register_openai_routes(kserve_server.app, chat)
+    # Everything built so far (the model, transformers, KServe, FastAPI: about half a million
+    # objects) lives as long as the process; frozen, the garbage collector's full passes,
+    # which would otherwise walk all of them and stall a request for ~0.1 s, skip them.
+    gc.collect()
+    gc.freeze()
     server.start([model])
 
 

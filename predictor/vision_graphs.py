@@ -45,6 +45,10 @@ warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
 warnings.filterwarnings(
     "ignore", message=r".*torch\.jit\.trace.* is deprecated", category=FutureWarning
 )
+# Tracing reads every module attribute, transformers' deprecated ones included.
+warnings.filterwarnings(
+    "ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning
+)
 
 
 class VisionEncoder:
