@@ -29,6 +29,7 @@ import http.client
 import io
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -109,9 +110,52 @@ def verdict(name: str, value: float) -> str:
 # ---- P1: REST overhead ------------------------------------------------------------------
 
 
-def bench_p1(
-    server, model_dir: Path, picture: bytes, tokens: int, runs: int, cpu_threads: int = 0
-) -> dict:
+class InProcessWorker:
+    """P1's in-process side in a process of its own: it loads the model once, then each
+    `run()` decodes the picture and runs the engine's own loop on it, as the server would.
+
+    Why a process of its own: one Python process can run the same code a few percent faster or
+    slower than another (memory layout, address randomisation), which is as much as P1
+    measures; pairing several servers with several such processes averages that out.
+    """
+
+    def __init__(self, model_dir: Path, picture: Path, tokens: int, cpu_threads: int):
+        command = [sys.executable, __file__, "--p1-worker", str(model_dir), str(picture)]
+        command += [str(tokens), str(cpu_threads)]
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
+        )
+        self._expect("ready")
+
+    def _ask(self, command: str) -> list[float]:
+        assert self.process.stdin is not None
+        self.process.stdin.write(command + "\n")
+        return [float(x) for x in self._expect("ok")]
+
+    def _expect(self, word: str) -> list[str]:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline().split()
+        if not line or line[0] != word:
+            raise RuntimeError(f"P1 worker said {line!r}, expected {word!r}")
+        return line[1:]
+
+    def run(self) -> tuple[float, float]:
+        """(total ms, of which decoding the JPEG) for one in-process request."""
+        total, decode = self._ask("run")
+        return total, decode
+
+    def generate_ms(self) -> float:
+        """transformers' generate on the decoded image, for reference."""
+        return self._ask("generate")[0]
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._ask("exit")
+        self.process.wait(timeout=30)
+
+
+def p1_worker(model_dir: str, picture_path: str, tokens: str, cpu_threads: str) -> None:
+    """The loop behind `InProcessWorker` (`--p1-worker`): one line in, one line out."""
     from predictor.decoding import RunningBatch
     from predictor.generation import Generator, Row
     from predictor.images import ImageLimits, prepare_image
@@ -119,58 +163,105 @@ def bench_p1(
     from predictor.params import SamplingParams
     from predictor.settings import Settings
 
-    settings = Settings(model_dir=str(model_dir), device="cpu", cpu_threads=cpu_threads)
+    settings = Settings(model_dir=model_dir, device="cpu", cpu_threads=int(cpu_threads))
     loaded = load_model(settings)
     generator = Generator(loaded.model, loaded.processor)
     limits = ImageLimits(settings.max_image_bytes, settings.max_decoded_pixels)
-    budget = generator.default_budget
-    image = prepare_image(picture, limits, "image", budget, generator.resize_factor)
-    row = Row.single(image, settings.default_prompt, SamplingParams(max_new_tokens=tokens))
-    client = InferClient(server.infer_url)
-    payload = serialised(infer_body(picture, tokens))
+    budget, factor = generator.default_budget, generator.resize_factor
+    picture = Path(picture_path).read_bytes()
+    sampling = SamplingParams(max_new_tokens=int(tokens))
+    decoded = prepare_image(picture, limits, "image", budget, factor)
+    reference = Row.single(decoded, settings.default_prompt, sampling)
 
-    def rest() -> None:
-        status, reply = client.post(payload)
-        assert status == 200, reply
-
-    decode_runs: list[float] = []
-
-    def in_process() -> None:
-        """What the server does for one request, minus HTTP and its queue: decode the same
-        JPEG bytes to the model's input size, then the engine's loop (encode, prefill, decode
-        steps). A caller running the model in its own process has the same bytes to decode."""
+    def in_process() -> float:
         started = time.perf_counter()
-        image = prepare_image(picture, limits, "image", budget, generator.resize_factor)
-        decode_runs.append((time.perf_counter() - started) * 1000)
+        image = prepare_image(picture, limits, "image", budget, factor)
+        decode_ms = (time.perf_counter() - started) * 1000
         batch = RunningBatch(generator)
-        batch.admit([replace(row, images=(image,))], [0], [None])
+        batch.admit([replace(reference, images=(image,))], [0], [None])
         while len(batch):
             batch.step()
+        return decode_ms
 
-    in_process()  # warm all three
-    generator.describe([row])
-    rest()
-    decode_runs.clear()
+    for _ in range(2):  # warm up, and trace the vision encoder for this grid
+        in_process()
+    print("ready", flush=True)
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "run":
+            started = time.perf_counter()
+            decode_ms = in_process()
+            print(f"ok {(time.perf_counter() - started) * 1000} {decode_ms}", flush=True)
+        elif command == "generate":
+            print(f"ok {median_ms(lambda: generator.describe([reference]), 1)}", flush=True)
+        else:
+            print("ok", flush=True)
+            return
 
-    # Interleaved, so that a machine getting slower or faster mid-run affects both sides.
-    # Interleaved pairs (alternating which goes first), and the median of the pairs' ratios:
-    # this machine's speed drifts by more than the 5% being measured, and a pair shares it.
-    in_process_runs, rest_runs, generate_runs = [], [], []
-    for index in range(runs):
-        pair = [(in_process_runs, in_process), (rest_runs, rest)]
-        for runs_list, action in pair if index % 2 == 0 else reversed(pair):
-            runs_list.append(median_ms(action, 1))
-        generate_runs.append(median_ms(lambda: generator.describe([row]), 1))
+
+def bench_p1(
+    servers: Callable[[int], contextlib.AbstractContextManager],
+    model_dir: Path,
+    picture: bytes,
+    work: Path,
+    tokens: int,
+    processes: int,
+    pairs: int,
+    cpu_threads: int = 0,
+) -> dict:
+    """REST vs in-process latency for one request at a time: `pairs` interleaved pairs
+    against each of `processes` servers, each beside a fresh in-process worker; the figure is
+    the median ratio over all pairs."""
+    picture_path = work / "p1.jpg"
+    picture_path.write_bytes(picture)
+    payload = serialised(infer_body(picture, tokens))
+    rest_runs, in_process_runs, decode_runs, generate_runs = [], [], [], []
+    for index in range(processes):
+        with servers(index) as server:
+            client = InferClient(server.infer_url)
+            worker = InProcessWorker(model_dir, picture_path, tokens, cpu_threads)
+
+            def rest(client: InferClient = client) -> None:
+                status, reply = client.post(payload)
+                assert status == 200, reply
+
+            def in_process(worker: InProcessWorker = worker) -> None:
+                total, decode = worker.run()
+                in_process_runs.append(total)
+                decode_runs.append(decode)
+
+            try:
+                for _ in range(2):  # warm up, and trace the vision encoder for this grid
+                    rest()
+                # Interleaved pairs, alternating which goes first: this machine's speed
+                # drifts by more than the 5% being measured within a minute, and a pair
+                # shares it.
+                for pair in range(pairs):
+                    if pair % 2 == 0:
+                        rest_runs.append(median_ms(rest, 1))
+                        in_process()
+                    else:
+                        in_process()
+                        rest_runs.append(median_ms(rest, 1))
+                generate_runs.append(worker.generate_ms())
+            finally:
+                worker.close()
+                client.close()
     in_process_ms, rest_ms = statistics.median(in_process_runs), statistics.median(rest_runs)
     generate_ms, decode_ms = statistics.median(generate_runs), statistics.median(decode_runs)
-    pairs = list(zip(rest_runs, in_process_runs, decode_runs, strict=True))
-    ratio = statistics.median(r / i for r, i, _ in pairs)
-    ratio_decoded = statistics.median(r / (i - d) for r, i, d in pairs)
+    runs = list(zip(rest_runs, in_process_runs, decode_runs, strict=True))
+    ratio = statistics.median(r / i for r, i, _ in runs)
+    per_process = [
+        statistics.median(r / i for r, i, _ in runs[k * pairs : (k + 1) * pairs])
+        for k in range(processes)
+    ]
+    ratio_decoded = statistics.median(r / (i - d) for r, i, d in runs)
     print(
         f"P1  REST end-to-end / in-process, batch 1: {ratio:.3f}  "
         f"(REST {rest_ms:.1f} ms, in-process {in_process_ms:.1f} ms: JPEG decode and resize "
-        f"{decode_ms:.1f} ms, then the engine's decode loop; {tokens} tokens, median of {runs} "
-        f"interleaved pairs)  {verdict('P1', ratio)}\n"
+        f"{decode_ms:.1f} ms, then the engine's decode loop; {tokens} tokens, median of "
+        f"{len(runs)} interleaved pairs over {processes} server and {processes} in-process "
+        f"processes: {', '.join(f'{r:.3f}' for r in per_process)})  {verdict('P1', ratio)}\n"
         f"    against the loop alone on an already-decoded image: {ratio_decoded:.3f}; "
         f"transformers' generate on it: {generate_ms:.1f} ms"
     )
@@ -182,6 +273,9 @@ def bench_p1(
         "in_process_decode_ms": decode_ms,
         "transformers_generate_ms": generate_ms,
         "tokens": tokens,
+        "pairs": len(runs),
+        "processes": processes,
+        "per_process_ratios": per_process,
     }
 
 
@@ -489,8 +583,22 @@ def cpu_run(args: argparse.Namespace) -> dict:
             results["startup_s"] = server.startup_s
             pictures = full_length_pictures(server, args.tokens)
             threads = _flag_value(args.server_arg, "--cpu_threads")
+
+            def servers(index: int, first=server) -> contextlib.AbstractContextManager:
+                if index == 0:
+                    return contextlib.nullcontext(first)
+                log = work / f"p1-server-{index}.log"
+                return start_server(model_dir, log, *args.server_arg)
+
             results["P1"] = bench_p1(
-                server, model_dir, pictures[0], args.tokens, runs, int(threads or 0)
+                servers,
+                model_dir,
+                pictures[0],
+                work,
+                args.tokens,
+                processes=2 if args.quick else 5,
+                pairs=4 if args.quick else 6,
+                cpu_threads=int(threads or 0),
             )
             results["P2"] = bench_p2(
                 server, pictures, args.tokens, per_client=3, rounds=2 if args.quick else 5
@@ -599,7 +707,11 @@ def main() -> None:
         default=[],
         help="extra predictor flag for the P1/P2 server, repeatable (--server-arg=--cpu_threads=2)",
     )
+    parser.add_argument("--p1-worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.p1_worker:
+        p1_worker(*args.p1_worker)
+        return
     results = gpu_run(args) if args.shape else cpu_run(args)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
