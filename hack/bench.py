@@ -276,6 +276,8 @@ def bench_p1(
         "pairs": len(runs),
         "processes": processes,
         "per_process_ratios": per_process,
+        "rest_ms_runs": rest_runs,
+        "in_process_ms_runs": in_process_runs,
     }
 
 
