@@ -5,7 +5,8 @@ CPU run (default): builds the tiny Qwen3-VL model, starts the real server on loo
 measures
   P1  REST end-to-end latency / in-process generate latency, batch 1      (goal <= 1.05)
       (in-process: the same JPEG bytes decoded, then the engine's own decode loop: the work
-      the server does minus HTTP and queueing; the ratio against the loop alone on an
+      the server does minus HTTP and queueing; pairs against several fresh servers and
+      in-process processes, pinned to one CPU; the ratio against the loop alone on an
       already-decoded image, and transformers' generate, are printed beside it)
   P2  throughput with 16 concurrent clients / with 1 client              (goal >= 6)
       (median of interleaved rounds)
