@@ -8,7 +8,6 @@ each of them alone.
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,25 +16,17 @@ from predictor import decoding
 from predictor.decoding import RunningBatch, supports_continuous_batching
 from predictor.generation import Generator, Row
 from predictor.images import fit_to_budget
-from predictor.loading import load_model
+from predictor.loading import LoadedModel
 from predictor.params import SamplingParams
 from predictor.protocol import Completion
-from predictor.settings import Settings
 from tests import images
 
 pytestmark = pytest.mark.slow
-FAMILIES = {
-    "qwen3-vl": "tiny_qwen3_vl",
-    "qwen2.5-vl": "tiny_qwen2_5_vl",
-    "qwen2-vl": "tiny_qwen2_vl",
-}
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
-def generator(request: pytest.FixtureRequest) -> Generator:
-    model_dir: Path = request.getfixturevalue(FAMILIES[request.param])
-    loaded = load_model(Settings(model_dir=str(model_dir), device="cpu"))
-    return Generator(loaded.model, loaded.processor)
+@pytest.fixture(scope="module")
+def generator(loaded_family: LoadedModel) -> Generator:
+    return Generator(loaded_family.model, loaded_family.processor)
 
 
 def rows_for(generator: Generator) -> list[Row]:

@@ -4,7 +4,6 @@ every family, and falls back to eager whenever a trace cannot be trusted."""
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,25 +13,17 @@ from torch.utils._pytree import tree_flatten
 from predictor import vision_graphs
 from predictor.generation import Generator, Row
 from predictor.images import fit_to_budget
-from predictor.loading import load_model
+from predictor.loading import LoadedModel
 from predictor.params import SamplingParams
-from predictor.settings import Settings
 from predictor.vision_graphs import VisionEncoder
 from tests import images
 
 pytestmark = pytest.mark.slow
-FAMILIES = {
-    "qwen3-vl": "tiny_qwen3_vl",
-    "qwen2.5-vl": "tiny_qwen2_5_vl",
-    "qwen2-vl": "tiny_qwen2_vl",
-}
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
-def generator(request: pytest.FixtureRequest) -> Generator:
-    model_dir: Path = request.getfixturevalue(FAMILIES[request.param])
-    loaded = load_model(Settings(model_dir=str(model_dir), device="cpu"))
-    return Generator(loaded.model, loaded.processor, trace_vision=False)
+@pytest.fixture(scope="module")
+def generator(loaded_family: LoadedModel) -> Generator:
+    return Generator(loaded_family.model, loaded_family.processor, trace_vision=False)
 
 
 def pixels(generator: Generator, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,6 +110,16 @@ def test_trace_off_never_traces(generator: Generator) -> None:
     assert encoder.traced_grids == []
 
 
+def assert_stays_eager(generator: Generator) -> None:
+    """Every call gives the eager features and no graph is kept (tracing at first sight)."""
+    encoder = VisionEncoder(generator.model, trace_after=1)
+    values, grid = pixels(generator, (64, 64))
+    expected = encoder.eager(values, grid)
+    for _ in range(3):
+        assert_same(encoder(values, grid), expected)
+    assert encoder.traced_grids == []
+
+
 # Fault injection below: a tracer that fails, or a graph whose output is wrong, cannot be
 # produced on demand from a real model, so the test makes one.
 
@@ -130,12 +131,7 @@ def test_a_failing_trace_leaves_the_grid_eager(
         raise RuntimeError("cannot trace this")
 
     monkeypatch.setattr(torch.jit, "trace", broken_trace)
-    encoder = VisionEncoder(generator.model, trace_after=1)
-    values, grid = pixels(generator, (64, 64))
-    expected = encoder.eager(values, grid)
-    for _ in range(3):
-        assert_same(encoder(values, grid), expected)
-    assert encoder.traced_grids == []
+    assert_stays_eager(generator)
 
 
 def test_a_graph_that_differs_from_eager_is_not_used(
@@ -149,12 +145,7 @@ def test_a_graph_that_differs_from_eager_is_not_used(
         return output
 
     monkeypatch.setattr(vision_graphs._Graph, "__call__", off_by_one)
-    encoder = VisionEncoder(generator.model, trace_after=1)
-    values, grid = pixels(generator, (64, 64))
-    expected = encoder.eager(values, grid)
-    for _ in range(3):
-        assert_same(encoder(values, grid), expected)
-    assert encoder.traced_grids == []
+    assert_stays_eager(generator)
 
 
 def test_only_the_most_recent_grids_keep_graphs(
