@@ -223,20 +223,11 @@ def bench_p1(
     picture_path = work / "p1.jpg"
     picture_path.write_bytes(picture)
     payload = serialised(infer_body(picture, tokens))
-    rest_runs, in_process_runs, decode_runs, generate_runs = [], [], [], []
     allowed = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {max(allowed)})  # servers and workers started below inherit it
     try:
-        _p1_pairs(
-            servers,
-            model_dir,
-            picture_path,
-            payload,
-            tokens,
-            processes,
-            pairs,
-            cpu_threads,
-            (rest_runs, in_process_runs, decode_runs, generate_runs),
+        rest_runs, in_process_runs, decode_runs, generate_runs = _p1_pairs(
+            servers, model_dir, picture_path, payload, tokens, processes, pairs, cpu_threads
         )
     finally:
         os.sched_setaffinity(0, allowed)
@@ -288,10 +279,12 @@ def _p1_pairs(
     processes: int,
     pairs: int,
     cpu_threads: int,
-    into: tuple[list[float], list[float], list[float], list[float]],
-) -> None:
-    """Fill `into` (REST ms, in-process ms, in-process decode ms, generate ms)."""
-    rest_runs, in_process_runs, decode_runs, generate_runs = into
+) -> tuple[list[float], list[float], list[float], list[float]]:
+    """(REST ms, in-process ms, in-process decode ms, transformers' generate ms) runs."""
+    rest_runs: list[float] = []
+    in_process_runs: list[float] = []
+    decode_runs: list[float] = []
+    generate_runs: list[float] = []
     for index in range(processes):
         with servers(index) as server:
             client = InferClient(server.infer_url)
@@ -323,6 +316,7 @@ def _p1_pairs(
             finally:
                 worker.close()
                 client.close()
+    return rest_runs, in_process_runs, decode_runs, generate_runs
 
 
 def full_length_pictures(server, tokens: int, want: int = 4) -> list[bytes]:

@@ -275,19 +275,19 @@ class Generator:
         """The processor's output for one row. Its text part (chat template, image placeholders
         expanded, tokens) depends only on the conversation and the image grids, and most
         requests repeat both (one prompt for a folder of same-size photos), so it is kept for
-        the last `TEXT_CACHE_SIZE` of them and only the images go through the processor."""
+        the last `TEXT_CACHE_SIZE` of them and only the images go through the processor.
+        Images arrive at their model-input size, which fixes their grid, so the sizes key it."""
         if not row.images:
             return dict(self._process([row]))
-        images = self._process_images(row.images)
-        key = (self._prompt_text(row), tuple(images["image_grid_thw"].flatten().tolist()))
+        key = (self._prompt_text(row), tuple(image.size for image in row.images))
         with self._text_lock:
             text = self._text_inputs.get(key)
             if text is not None:
                 self._text_inputs.move_to_end(key)
         if text is not None:
-            return {**text, **images}
+            return {**text, **self._process_images(row.images)}
         processed = dict(self._process([row]))
-        text = {k: v for k, v in processed.items() if k not in images}
+        text = {k: v for k, v in processed.items() if k not in ("pixel_values", "image_grid_thw")}
         with self._text_lock:
             self._text_inputs[key] = text
             while len(self._text_inputs) > TEXT_CACHE_SIZE:

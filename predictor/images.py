@@ -116,7 +116,7 @@ def _decode(
                     image.draft("RGB", stored)
             image.seek(0)  # animated GIF/WebP/TIFF: describe the first frame
             image.load()
-            ImageOps.exif_transpose(image, in_place=True)  # not in place, it always copies
+            ImageOps.exif_transpose(image, in_place=True)  # the default returns a copy
             image = to_rgb(image)
             if size is not None and image.size != size:
                 image = resize(image, size)

@@ -25,6 +25,7 @@ from predictor.generation import Generator, Row
 from predictor.images import fit_to_budget
 from predictor.loading import load_model
 from predictor.params import SamplingParams
+from predictor.protocol import Completion
 from predictor.settings import Settings
 from tests import images
 
@@ -42,9 +43,13 @@ class RecordingGenerator:
         return self.generator.describe(rows, stop_checks, on_step)
 
 
+def is_poisoned(rows) -> bool:
+    return any(row.messages[-1]["content"][-1]["text"] == POISON for row in rows)
+
+
 class PoisonedGenerator(RecordingGenerator):
     def describe(self, rows, stop_checks=None, on_step=None):
-        if any(row.messages[-1]["content"][-1]["text"] == POISON for row in rows):
+        if is_poisoned(rows):
             self.batches.append(len(rows))
             raise RuntimeError("injected failure")
         return super().describe(rows, stop_checks, on_step)
@@ -86,9 +91,47 @@ async def wait_until(condition, timeout_s: float = 10.0) -> None:
         await asyncio.sleep(0.01)
 
 
-def test_whole_batches_share_a_generate_call_with_the_same_greedy_tokens(generator) -> None:
-    recorder = RecordingGenerator(generator)
-    engine = engine_with(recorder, max_batch_size=8, batch_wait_ms=200, continuous=False)
+def assert_poisoned_request_fails_alone(engine: Engine, generator: Generator) -> None:
+    """Two good requests and a poisoned one arrive together: only the poisoned one fails,
+    the others get their own text, and the engine serves the next request (then stops)."""
+    good = make_rows(generator, 2)
+    bad = make_rows(generator, 1, prompt=POISON)
+
+    async def scenario():
+        return await asyncio.gather(
+            engine.submit([good[0]]),
+            engine.submit(bad),
+            engine.submit([good[1]]),
+            return_exceptions=True,
+        )
+
+    try:
+        first, failed, second = asyncio.run(scenario())
+        after = asyncio.run(engine.submit([good[0]]))
+    finally:
+        engine.stop()
+    assert isinstance(failed, RuntimeError) and "injected failure" in str(failed)
+    assert first == generator.describe([good[0]]) and second == generator.describe([good[1]])
+    assert after == first
+
+
+def assert_concurrent_requests_get_their_own_text(engine: Engine, generator: Generator) -> None:
+    """Four one-row requests at once each get what they would get alone (then stops)."""
+    rows = make_rows(generator, 4)
+
+    async def scenario():
+        return await asyncio.gather(*(engine.submit([row]) for row in rows))
+
+    try:
+        results = asyncio.run(scenario())
+    finally:
+        engine.stop()
+    assert [r[0] for r in results] == [generator.describe([row])[0] for row in rows]
+
+
+def six_together_then_alone(engine: Engine, generator: Generator) -> list[list[Completion]]:
+    """Six one-row requests at once give what each gives alone, and not all the same text
+    (then stops); returns the concurrent completions."""
     rows = make_rows(generator, 6)
 
     async def scenario():
@@ -100,14 +143,14 @@ def test_whole_batches_share_a_generate_call_with_the_same_greedy_tokens(generat
         together, alone = asyncio.run(scenario())
     finally:
         engine.stop()
-    assert recorder.batches[0] == 6  # six requests, one generate call
     assert together == alone
     assert len({c[0].text for c in together}) > 1
+    return together
 
 
-def test_whole_batch_rows_stop_at_their_own_max_new_tokens(generator) -> None:
-    recorder = RecordingGenerator(generator)
-    engine = engine_with(recorder, max_batch_size=8, batch_wait_ms=200, continuous=False)
+def short_and_long_together(engine: Engine, generator: Generator) -> tuple[Row, Completion]:
+    """A 3-token and a 9-token request at once each stop at their own limit (then stops);
+    returns the long row and its completion."""
     short, long = make_rows(generator, 1, 3)[0], make_rows(generator, 2, 9)[1]
 
     async def scenario():
@@ -117,9 +160,23 @@ def test_whole_batch_rows_stop_at_their_own_max_new_tokens(generator) -> None:
         (a,), (b,) = asyncio.run(scenario())
     finally:
         engine.stop()
-    assert recorder.batches == [2]
     assert (a.generated_tokens, b.generated_tokens) == (3, 9)
     assert a == generator.describe([short])[0]
+    return long, b
+
+
+def test_whole_batches_share_a_generate_call_with_the_same_greedy_tokens(generator) -> None:
+    recorder = RecordingGenerator(generator)
+    engine = engine_with(recorder, max_batch_size=8, batch_wait_ms=200, continuous=False)
+    six_together_then_alone(engine, generator)
+    assert recorder.batches[0] == 6  # six requests, one generate call
+
+
+def test_whole_batch_rows_stop_at_their_own_max_new_tokens(generator) -> None:
+    recorder = RecordingGenerator(generator)
+    engine = engine_with(recorder, max_batch_size=8, batch_wait_ms=200, continuous=False)
+    short_and_long_together(engine, generator)
+    assert recorder.batches == [2]
 
 
 def test_full_queue_refuses_at_once(generator) -> None:
@@ -189,26 +246,8 @@ def test_whole_batch_cancelled_request_stops_and_frees_its_slot(generator) -> No
 def test_whole_batch_poisoned_request_fails_alone(generator) -> None:
     poisoned = PoisonedGenerator(generator)
     engine = engine_with(poisoned, max_batch_size=8, batch_wait_ms=200, continuous=False)
-    good = make_rows(generator, 2)
-    bad = make_rows(generator, 1, prompt=POISON)
-
-    async def scenario():
-        return await asyncio.gather(
-            engine.submit([good[0]]),
-            engine.submit(bad),
-            engine.submit([good[1]]),
-            return_exceptions=True,
-        )
-
-    try:
-        first, failed, second = asyncio.run(scenario())
-        after = asyncio.run(engine.submit([good[0]]))
-    finally:
-        engine.stop()
-    assert isinstance(failed, RuntimeError) and "injected failure" in str(failed)
-    assert first == generator.describe([good[0]]) and second == generator.describe([good[1]])
+    assert_poisoned_request_fails_alone(engine, generator)
     assert poisoned.batches[0] == 3  # they were batched together, then isolated
-    assert after == first
 
 
 def test_deadline_ends_a_request_and_frees_the_engine(generator) -> None:
@@ -238,17 +277,8 @@ class OutOfMemoryOnBatches(RecordingGenerator):
 def test_whole_batch_out_of_memory_splits_the_batch_until_it_fits(generator) -> None:
     oom = OutOfMemoryOnBatches(generator)
     engine = engine_with(oom, max_batch_size=8, batch_wait_ms=200, continuous=False)
-    rows = make_rows(generator, 4)
-
-    async def scenario():
-        return await asyncio.gather(*(engine.submit([row]) for row in rows))
-
-    try:
-        results = asyncio.run(scenario())
-    finally:
-        engine.stop()
+    assert_concurrent_requests_get_their_own_text(engine, generator)
     assert oom.batches == [4, 2, 1, 1, 2, 1, 1]
-    assert [r[0] for r in results] == [generator.describe([row])[0] for row in rows]
 
 
 # ---- continuous batching ----------------------------------------------------------------
@@ -288,22 +318,11 @@ def continuous_engine(generator, batch_class=RecordingBatch, **config):
 
 def test_concurrent_requests_decode_together_with_the_same_greedy_tokens(generator) -> None:
     engine, batches = continuous_engine(generator, max_batch_size=8, batch_wait_ms=200)
-    rows = make_rows(generator, 6)
-
-    async def scenario():
-        together = await asyncio.gather(*(engine.submit([row]) for row in rows))
-        alone = [await engine.submit([row]) for row in rows]
-        return together, alone
-
-    try:
-        together, alone = asyncio.run(scenario())
-    finally:
-        engine.stop()
+    together = six_together_then_alone(engine, generator)
     (batch,) = batches
     assert batch.admissions[0] == 6 and batch.steps[0] == 6  # one prefill, steps of six rows
-    assert together == alone
+    rows = make_rows(generator, 6)
     assert [c[0] for c in together] == [generator.describe([row])[0] for row in rows]
-    assert len({c[0].text for c in together}) > 1
 
 
 def test_a_request_arriving_mid_decode_joins_the_running_batch(generator) -> None:
@@ -334,19 +353,10 @@ def test_rows_with_different_max_new_tokens_decode_together_and_stop_at_their_ow
     generator,
 ) -> None:
     engine, batches = continuous_engine(generator, max_batch_size=8, batch_wait_ms=200)
-    short, long = make_rows(generator, 1, 3)[0], make_rows(generator, 2, 9)[1]
-
-    async def scenario():
-        return await asyncio.gather(engine.submit([short]), engine.submit([long]))
-
-    try:
-        (a,), (b,) = asyncio.run(scenario())
-    finally:
-        engine.stop()
+    long, b = short_and_long_together(engine, generator)
     assert batches[0].admissions == [2]
     assert batches[0].steps[:2] == [2, 2] and batches[0].steps[-1] == 1
-    assert (a.generated_tokens, b.generated_tokens) == (3, 9)
-    assert a == generator.describe([short])[0] and b == generator.describe([long])[0]
+    assert b == generator.describe([long])[0]
 
 
 def test_a_seeded_sampled_request_gives_the_same_text_alone_or_beside_others(generator) -> None:
@@ -392,7 +402,7 @@ def test_a_cancelled_request_leaves_the_running_batch(generator) -> None:
 
 class PoisonedBatch(RecordingBatch):
     def admit(self, rows, owners, stop_checks):
-        if any(row.messages[-1]["content"][-1]["text"] == POISON for row in rows):
+        if is_poisoned(rows):
             self.admissions.append(len(rows))
             raise RuntimeError("injected failure")
         return super().admit(rows, owners, stop_checks)
@@ -402,26 +412,8 @@ def test_a_poisoned_request_fails_alone(generator) -> None:
     engine, batches = continuous_engine(
         generator, PoisonedBatch, max_batch_size=8, batch_wait_ms=200
     )
-    good = make_rows(generator, 2)
-    bad = make_rows(generator, 1, prompt=POISON)
-
-    async def scenario():
-        return await asyncio.gather(
-            engine.submit([good[0]]),
-            engine.submit(bad),
-            engine.submit([good[1]]),
-            return_exceptions=True,
-        )
-
-    try:
-        first, failed, second = asyncio.run(scenario())
-        after = asyncio.run(engine.submit([good[0]]))
-    finally:
-        engine.stop()
-    assert isinstance(failed, RuntimeError) and "injected failure" in str(failed)
-    assert first == generator.describe([good[0]]) and second == generator.describe([good[1]])
+    assert_poisoned_request_fails_alone(engine, generator)
     assert batches[0].admissions[:4] == [3, 1, 1, 1]  # tried together, then one by one
-    assert after == first
 
 
 class OutOfMemoryOnAdmission(RecordingBatch):
@@ -438,17 +430,8 @@ def test_out_of_memory_on_admission_splits_the_rows_until_they_fit(generator) ->
     engine, batches = continuous_engine(
         generator, OutOfMemoryOnAdmission, max_batch_size=8, batch_wait_ms=200
     )
-    rows = make_rows(generator, 4)
-
-    async def scenario():
-        return await asyncio.gather(*(engine.submit([row]) for row in rows))
-
-    try:
-        results = asyncio.run(scenario())
-    finally:
-        engine.stop()
+    assert_concurrent_requests_get_their_own_text(engine, generator)
     assert batches[0].admissions == [4, 2, 1, 1, 2, 1, 1]
-    assert [r[0] for r in results] == [generator.describe([row])[0] for row in rows]
 
 
 class OutOfMemoryOnceWhileDecoding(RecordingBatch):
