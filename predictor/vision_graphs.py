@@ -16,10 +16,21 @@ does not pay for a trace). Before a graph is used it must reproduce the eager ou
 if tracing fails or the outputs differ, that grid stays eager. `--trace_vision false` turns
 it off.
 
+Memory: a graph must be freed when it leaves the LRU. `torch.jit.trace` cannot give that: it
+registers every traced module's types and methods, with the grid-derived constants their graphs
+hold (about 7.6 MB for a 448x448 grid), in TorchScript's process-wide compilation unit, where
+they stay after the module is dropped; a server cycling through more grids than the LRU holds
+grew without bound. So the encoder is traced to a bare graph
+(`torch._C._create_graph_by_tracing`, what `torch.jit.trace` itself calls) whose inputs are the
+two call arguments plus the model's weights, and the graph becomes a function in a compilation
+unit of its own (`torch._C._create_function_from_graph`), which is freed with the function.
+Weights the graph does not read are pruned from its inputs. That also makes a trace about three
+times cheaper than `torch.jit.trace`, which built a script type for every submodule.
+
 TorchScript is in maintenance in PyTorch (`torch.jit.trace` warns that it is deprecated in
 favour of `torch.compile` and `torch.export`). Neither of those runs a whole graph without
 the GIL on a CPU without minutes of compilation per shape, so this module keeps tracing, with
-the eager path as its fallback.
+the eager path as its fallback (also where a PyTorch release lacks the tracing calls above).
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ from collections import Counter, OrderedDict
 from typing import Any
 
 import torch
+from torch.jit._trace import _create_interpreter_name_lookup_fn, _unique_state_dict
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 logger = logging.getLogger(__name__)
@@ -145,40 +157,59 @@ class VisionEncoder:
         logger.info("vision encoder traced for grid %s", key[0])
 
 
-class _Flat(torch.nn.Module):
-    """The encoder with its output flattened to a tuple of tensors, which tracing needs."""
-
-    def __init__(self, encoder: VisionEncoder):
-        super().__init__()
-        self.model = encoder.model
-        self.encoder = encoder
-        self.spec: TreeSpec | None = None
-
-    def forward(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> tuple:
-        leaves, self.spec = tree_flatten(self.encoder.eager(pixel_values, image_grid_thw))
-        return tuple(leaves)
-
-
 class _Graph:
-    """One traced encoder for one grid, rebuilding the eager output's structure."""
+    """One traced encoder for one grid: a TorchScript function in a compilation unit of its
+    own (freed with this object), fed the weights it reads, rebuilding the eager output."""
 
-    def __init__(self, module: Any, spec: TreeSpec):
-        self.module = module
+    def __init__(self, function: Any, weights: list[torch.Tensor], spec: TreeSpec):
+        self.function = function
+        self.weights = weights
         self.spec = spec
 
     @classmethod
     def trace(
         cls, encoder: VisionEncoder, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor
     ) -> _Graph:
-        flat = _Flat(encoder)
-        module = torch.jit.trace(
-            flat, (pixel_values, image_grid_thw), check_trace=False, strict=False
+        # The weights enter as inputs (as `torch.jit.trace` passes a module's state), so the
+        # graph refers to the model's tensors instead of holding them as constants.
+        weights = list(_unique_state_dict(encoder.model, keep_vars=True).values())
+        specs: list[TreeSpec] = []
+
+        def flat(pixels: torch.Tensor, grid: torch.Tensor, *_weights: torch.Tensor) -> tuple:
+            leaves, spec = tree_flatten(encoder.eager(pixels, grid))
+            specs.append(spec)
+            return tuple(leaves)
+
+        graph, _ = torch._C._create_graph_by_tracing(
+            flat,
+            [pixel_values, image_grid_thw, *weights],
+            _create_interpreter_name_lookup_fn(),
+            False,  # strict: the output is a tuple of tensors
+            False,  # force_outplace
         )
-        assert flat.spec is not None
-        return cls(module, flat.spec)
+        used = _prune_unused_weights(graph, len(weights))
+        function = torch._C._create_function_from_graph("vision_encoder", graph)
+        return cls(function, [weights[i] for i in used], specs[0])
 
     def __call__(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> Any:
-        return tree_unflatten(list(self.module(pixel_values, image_grid_thw)), self.spec)
+        output = self.function(pixel_values, image_grid_thw, *self.weights)
+        leaves = list(output) if isinstance(output, tuple) else [output]
+        return tree_unflatten(leaves, self.spec)
+
+
+def _prune_unused_weights(graph: torch._C.Graph, weight_count: int) -> list[int]:
+    """Erase the graph's weight inputs it never reads; the indexes of those it keeps.
+
+    The two call arguments stay whether used or not (the call passes them positionally)."""
+    inputs = list(graph.inputs())
+    first = len(inputs) - weight_count
+    kept = []
+    for position in range(len(inputs) - 1, first - 1, -1):
+        if inputs[position].uses():
+            kept.append(position - first)
+        else:
+            graph.eraseInput(position)
+    return kept[::-1]
 
 
 def _equal(actual: Any, expected: Any) -> bool:

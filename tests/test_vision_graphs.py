@@ -3,9 +3,11 @@ every family, and falls back to eager whenever a trace cannot be trusted."""
 
 from __future__ import annotations
 
+import gc
 import threading
 from typing import Any
 
+import psutil
 import pytest
 import torch
 from torch.utils._pytree import tree_flatten
@@ -130,7 +132,7 @@ def test_a_failing_trace_leaves_the_grid_eager(
     def broken_trace(*args: object, **kwargs: object) -> None:
         raise RuntimeError("cannot trace this")
 
-    monkeypatch.setattr(torch.jit, "trace", broken_trace)
+    monkeypatch.setattr(vision_graphs.torch._C, "_create_graph_by_tracing", broken_trace)
     assert_stays_eager(generator)
 
 
@@ -171,3 +173,23 @@ def test_generation_is_the_same_with_traced_and_eager_vision(generator: Generato
     for _ in range(3):  # eager, then traced at the second sighting, then the graph
         assert traced.describe([row])[0].text == expected
     assert len(traced.vision.traced_grids) == 1
+
+
+def test_graphs_dropped_from_the_cache_free_their_memory(
+    generator: Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cycling more grids than the cache holds re-traces every grid each round; memory must
+    level off after the first round (each trace once leaked its grid's graph for good)."""
+    monkeypatch.setattr(vision_graphs, "MAX_GRAPHS", 2)
+    encoder = VisionEncoder(generator.model, trace_after=1)
+    inputs = [pixels(generator, (64 + 32 * i, 96)) for i in range(12)]
+    process = psutil.Process()
+    rss = []
+    for _ in range(4):
+        for values, grid in inputs:
+            encoder(values, grid)
+        gc.collect()
+        rss.append(process.memory_info().rss)
+    assert len(encoder.traced_grids) == 2
+    growth_mb = (rss[-1] - rss[0]) / 2**20
+    assert growth_mb < 20, f"RSS grew {growth_mb:.0f} MB over three rounds of 12 traces"
