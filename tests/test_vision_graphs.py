@@ -38,6 +38,13 @@ def pixels(generator: Generator, size: tuple[int, int]) -> tuple[torch.Tensor, t
     return tensors["pixel_values"], tensors["image_grid_thw"]
 
 
+def settled(encoder: VisionEncoder, values: torch.Tensor, grid: torch.Tensor) -> Any:
+    """One call, then the wait for any trace it queued (traces run on a thread of their own)."""
+    output = encoder(values, grid)
+    encoder.wait_for_traces()
+    return output
+
+
 def assert_same(actual: Any, expected: Any) -> None:
     got, got_spec = tree_flatten(actual)
     want, want_spec = tree_flatten(expected)
@@ -52,11 +59,11 @@ def test_a_grid_is_traced_at_its_second_sighting_and_gives_the_eager_features(
     encoder = VisionEncoder(generator.model)
     values, grid = pixels(generator, (128, 96))
     expected = encoder.eager(values, grid)
-    assert_same(encoder(values, grid), expected)
+    assert_same(settled(encoder, values, grid), expected)
     assert encoder.traced_grids == []  # seen once: eager
-    assert_same(encoder(values, grid), expected)
+    assert_same(settled(encoder, values, grid), expected)
     assert len(encoder.traced_grids) == 1  # seen twice: traced (and checked against eager)
-    assert_same(encoder(values, grid), expected)  # now from the graph
+    assert_same(settled(encoder, values, grid), expected)  # now from the graph
 
 
 def test_a_graph_is_never_used_for_another_grid(generator: Generator) -> None:
@@ -64,10 +71,10 @@ def test_a_graph_is_never_used_for_another_grid(generator: Generator) -> None:
     small, small_grid = pixels(generator, (64, 64))
     wide, wide_grid = pixels(generator, (160, 64))
     assert not torch.equal(small_grid, wide_grid)
-    encoder(small, small_grid)
+    settled(encoder, small, small_grid)
     assert len(encoder.traced_grids) == 1
-    assert_same(encoder(wide, wide_grid), encoder.eager(wide, wide_grid))
-    assert_same(encoder(small, small_grid), encoder.eager(small, small_grid))
+    assert_same(settled(encoder, wide, wide_grid), encoder.eager(wide, wide_grid))
+    assert_same(settled(encoder, small, small_grid), encoder.eager(small, small_grid))
     assert len(encoder.traced_grids) == 2
 
 
@@ -77,8 +84,8 @@ def test_several_images_in_one_call_are_one_grid(generator: Generator) -> None:
     second, second_grid = pixels(generator, (96, 64))
     values, grid = torch.cat([first, second]), torch.cat([first_grid, second_grid])
     expected = encoder.eager(values, grid)
-    assert_same(encoder(values, grid), expected)
-    assert_same(encoder(values, grid), expected)
+    assert_same(settled(encoder, values, grid), expected)
+    assert_same(settled(encoder, values, grid), expected)
     assert len(encoder.traced_grids) == 1
 
 
@@ -100,6 +107,7 @@ def test_concurrent_callers_get_correct_features(generator: Generator) -> None:
         thread.start()
     for thread in threads:
         thread.join()
+    encoder.wait_for_traces()
     assert failures == []
     assert len(encoder.traced_grids) == 1
 
@@ -108,7 +116,7 @@ def test_trace_off_never_traces(generator: Generator) -> None:
     encoder = VisionEncoder(generator.model, trace=False)
     values, grid = pixels(generator, (64, 64))
     for _ in range(3):
-        assert_same(encoder(values, grid), encoder.eager(values, grid))
+        assert_same(settled(encoder, values, grid), encoder.eager(values, grid))
     assert encoder.traced_grids == []
 
 
@@ -118,7 +126,7 @@ def assert_stays_eager(generator: Generator) -> None:
     values, grid = pixels(generator, (64, 64))
     expected = encoder.eager(values, grid)
     for _ in range(3):
-        assert_same(encoder(values, grid), expected)
+        assert_same(settled(encoder, values, grid), expected)
     assert encoder.traced_grids == []
 
 
@@ -158,7 +166,7 @@ def test_only_the_most_recent_grids_keep_graphs(
     grids = []
     for size in [(64, 64), (96, 64), (128, 64)]:
         values, grid = pixels(generator, size)
-        encoder(values, grid)
+        settled(encoder, values, grid)
         grids.append(tuple(grid.flatten().tolist()))
     assert [key[0] for key in encoder.traced_grids] == grids[1:]
 
@@ -172,6 +180,7 @@ def test_generation_is_the_same_with_traced_and_eager_vision(generator: Generato
     expected = generator.describe([row])[0].text
     for _ in range(3):  # eager, then traced at the second sighting, then the graph
         assert traced.describe([row])[0].text == expected
+        traced.vision.wait_for_traces()
     assert len(traced.vision.traced_grids) == 1
 
 
@@ -187,7 +196,7 @@ def test_graphs_dropped_from_the_cache_free_their_memory(
     rss = []
     for _ in range(4):
         for values, grid in inputs:
-            encoder(values, grid)
+            settled(encoder, values, grid)
         gc.collect()
         rss.append(process.memory_info().rss)
     assert len(encoder.traced_grids) == 2
