@@ -23,11 +23,13 @@ its own images (`Generator.encode`) before it joins the queue, in parallel with 
 worker is decoding, so a batch's critical path is only the language model's prefill and
 decoding. On this project's CPU benchmark that halved the time of a batch of 16.
 
-Backpressure: beyond `max_queue_size` waiting requests a request is refused at once
-(`QueueFull`: HTTP 503 with Retry-After, gRPC UNAVAILABLE). Every request has a deadline
-(`request_timeout_s`, `DeadlineExceeded`: HTTP 504, gRPC DEADLINE_EXCEEDED). A request whose
-caller is cancelled (client disconnect, gRPC cancel, deadline) has its queued rows dropped and
-its running rows stopped at the next token, which frees their slots.
+Backpressure: a request is refused at once when the requests admitted but not yet generating
+(queued, or still decoding their images) fill the queue (`max_queue_size`) plus the batch
+slots free at that moment (`QueueFull`: HTTP 503 with Retry-After, gRPC UNAVAILABLE). Every
+request has a deadline (`request_timeout_s`, `DeadlineExceeded`: HTTP 504, gRPC
+DEADLINE_EXCEEDED). A request whose caller is cancelled (client disconnect, gRPC cancel,
+deadline) has its queued rows dropped and its running rows stopped at the next token, which
+frees their slots.
 
 Failures stay with their request: if a prefill (or a whole batch) fails, each request in it
 is retried alone so only the one that fails again gets the error; a CUDA out-of-memory error
@@ -161,7 +163,7 @@ class Engine:
         """Queue the rows of one request and wait for all their completions."""
         arrived = time.monotonic() if arrived is None else arrived
         try:
-            request = self._enqueue(list(rows), arrived)
+            request = self._enqueue(list(rows), arrived, admitted=reservation is not None)
         finally:
             if reservation is not None:
                 reservation.release()
@@ -195,16 +197,30 @@ class Engine:
 
     def _refuse_if_full(self) -> None:
         """Called with the lock held."""
-        waiting = len(self._waiting) + self._reserved
-        if waiting >= self.config.max_queue_size:
+        pending = self._pending()
+        if pending >= self._capacity():
             metrics.REJECTED.labels(self.model_name).inc()
-            raise QueueFull(waiting)
+            raise QueueFull(pending)
 
-    def _enqueue(self, rows: list[Row], arrived: float) -> _Request:
+    def _pending(self) -> int:
+        """Admitted requests not yet generating: queued, or still decoding their images."""
+        return len(self._waiting - self._running) + self._reserved
+
+    def _capacity(self) -> int:
+        """How many requests may be pending: the queue plus the batch slots free right now.
+
+        A request decoding its images is headed for a free slot, not for the queue; counting
+        it against the queue alone refused a burst at an idle server after `max_queue_size`
+        requests although `max_batch_size` slots were empty."""
+        free_slots = max(0, self.config.max_batch_size - self._running_rows)
+        return self.config.max_queue_size + free_slots
+
+    def _enqueue(self, rows: list[Row], arrived: float, admitted: bool = False) -> _Request:
+        """Queue a request's rows. One `admitted` earlier (it holds a reservation, counted in
+        `_pending`) is not refused now; any other must fit the capacity."""
         with self._lock:
-            if len(self._waiting) >= self.config.max_queue_size:
-                metrics.REJECTED.labels(self.model_name).inc()
-                raise QueueFull(len(self._waiting))
+            if not admitted:
+                self._refuse_if_full()
             self._group += 1
             rows = [replace(r, group=self._group) for r in rows]
             request = _Request(rows, arrived, arrived + self.config.request_timeout_s)

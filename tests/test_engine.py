@@ -208,6 +208,24 @@ def test_full_queue_refuses_at_once(generator) -> None:
     assert gauge(metrics.REQUESTS_WAITING) == 0 and gauge(metrics.REQUESTS_RUNNING) == 0
 
 
+def test_an_idle_engine_admits_its_free_slots_plus_its_queue(generator) -> None:
+    """A burst at an idle server: requests still decoding their images are headed for free
+    batch slots, so the capacity is the free slots plus the queue, not the queue alone."""
+    engine = engine_with(generator, max_batch_size=4, max_queue_size=2)
+    try:
+        admitted = [engine.reserve() for _ in range(6)]
+        with pytest.raises(QueueFull):
+            engine.reserve()
+        with pytest.raises(QueueFull):
+            engine.check_capacity()
+        admitted.pop().release()
+        admitted.append(engine.reserve())  # a released place is free again
+    finally:
+        for reservation in admitted:
+            reservation.release()
+        engine.stop()
+
+
 def test_whole_batch_cancelled_request_stops_and_frees_its_slot(generator) -> None:
     steps = []
     recorder = RecordingGenerator(generator)
