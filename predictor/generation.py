@@ -17,8 +17,6 @@ keeps `seed` reproducible with torch's global generator. `encode` may run on man
 from __future__ import annotations
 
 import logging
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -29,6 +27,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 
 from predictor.images import PixelBudget, fit_to_budget
 from predictor.params import SamplingParams
+from predictor.preprocessing import EncodedRow, Preprocessor
 from predictor.protocol import Completion
 from predictor.vision_graphs import VisionEncoder
 
@@ -62,18 +61,8 @@ class Row:
         return key if s.seed is None else (*key, self.group)
 
 
-@dataclass(frozen=True)
-class EncodedRow:
-    """A row's model inputs, computed before its batch (`Generator.encode`): the processor's
-    token tensors (CPU) and its images already through the vision encoder (model device)."""
-
-    tensors: dict[str, torch.Tensor]
-    image_features: Any = None  # the vision encoder's output (a transformers ModelOutput)
-
-
 StopCheck = Callable[[], bool]
 TextSink = Callable[[str], None]
-TEXT_CACHE_SIZE = 256  # conversations whose tokenized text `Generator.encode` keeps
 # Processor outputs laid out along the token sequence (padded on the left when batching).
 _SEQUENCE_KEYS = {"input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids"}
 
@@ -182,14 +171,12 @@ class Generator:
         # A static KV cache makes decoding shapes fixed, which lets transformers compile the
         # decoding step with torch.compile on CUDA (its auto-compile for compileable caches).
         self.static_cache = static_cache
+        self.preprocessor = Preprocessor(processor)  # the processor's CPU work
         self.processor = processor
-        self.tokenizer = processor.tokenizer
-        # Batched generation appends new tokens on the right, so prompts are padded on the left.
-        self.tokenizer.padding_side = "left"
+        self.tokenizer = self.preprocessor.tokenizer
         self.device = model.device
         self.stop_token_ids = self._stop_token_ids()
-        self._text_inputs: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
-        self._text_lock = threading.Lock()  # encode() runs on many request threads
+        self._text_inputs = self.preprocessor.text_inputs
         self.pad_token_id = (
             self.tokenizer.pad_token_id
             if self.tokenizer.pad_token_id is not None
@@ -206,18 +193,11 @@ class Generator:
 
     @property
     def resize_factor(self) -> int:
-        """Image sides must be multiples of this: patch size x spatial merge size."""
-        image_processor = self.processor.image_processor
-        return int(image_processor.patch_size) * int(image_processor.merge_size)
+        return self.preprocessor.resize_factor
 
     @property
     def default_budget(self) -> PixelBudget:
-        """The checkpoint's own min/max pixels (from its preprocessor config)."""
-        size = self.processor.image_processor.size
-        get = size.get if hasattr(size, "get") else lambda key: getattr(size, key, None)
-        return PixelBudget(
-            min_pixels=int(get("shortest_edge")), max_pixels=int(get("longest_edge"))
-        )
+        return self.preprocessor.default_budget
 
     def describe(
         self,
@@ -246,9 +226,7 @@ class Generator:
         return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
 
     def _prompt_text(self, row: Row) -> str:
-        return self.processor.apply_chat_template(
-            list(row.messages), tokenize=False, add_generation_prompt=True
-        )
+        return self.preprocessor.prompt_text(row)
 
     @torch.inference_mode()
     def encode(self, row: Row) -> EncodedRow:
@@ -261,56 +239,30 @@ class Generator:
         features as encoding it in a batch. `merge` joins encoded rows the way the processor
         and the model would have batched them.
         """
-        tensors = self._processed(row)
-        pixel_values = tensors.pop("pixel_values", None)
-        features = None
-        if pixel_values is not None:
-            features = self.vision(
-                pixel_values.to(self.device, dtype=self.model.dtype),
-                tensors["image_grid_thw"].to(self.device),
-            )
+        return self.encode_images(self.preprocessor.encode(row))
+
+    @torch.inference_mode()
+    def encode_images(self, encoded: EncodedRow) -> EncodedRow:
+        """Run the vision encoder on a row the processor has prepared (`Preprocessor.encode`),
+        wherever that ran; a row without pixel patches is returned as it is."""
+        if not encoded.needs_vision:
+            return encoded
+        tensors = dict(encoded.tensors)
+        pixel_values = tensors.pop("pixel_values")
+        features = self.vision(
+            pixel_values.to(self.device, dtype=self.model.dtype),
+            tensors["image_grid_thw"].to(self.device),
+        )
         return EncodedRow(tensors, features)
 
     def _processed(self, row: Row) -> dict[str, torch.Tensor]:
-        """The processor's output for one row. Its text part (chat template, image placeholders
-        expanded, tokens) depends only on the conversation and the image grids, and most
-        requests repeat both (one prompt for a folder of same-size photos), so it is kept for
-        the last `TEXT_CACHE_SIZE` of them and only the images go through the processor.
-        Images arrive at their model-input size, which fixes their grid, so the sizes key it."""
-        if not row.images:
-            return dict(self._process([row]))
-        key = (self._prompt_text(row), tuple(image.size for image in row.images))
-        with self._text_lock:
-            text = self._text_inputs.get(key)
-            if text is not None:
-                self._text_inputs.move_to_end(key)
-        if text is not None:
-            return {**text, **self._process_images(row.images)}
-        processed = dict(self._process([row]))
-        text = {k: v for k, v in processed.items() if k not in ("pixel_values", "image_grid_thw")}
-        with self._text_lock:
-            self._text_inputs[key] = text
-            while len(self._text_inputs) > TEXT_CACHE_SIZE:
-                self._text_inputs.popitem(last=False)
-        return processed
+        return self.preprocessor.processed(row)
 
     def _process_images(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
-        return dict(
-            self.processor.image_processor(
-                images=list(images), size=_size_range(images), return_tensors="pt"
-            )
-        )
+        return self.preprocessor.process_images(images)
 
     def _process(self, rows: Sequence[Row]) -> Any:
-        """The processor on rows whose images are already at their model-input size."""
-        images = [image for row in rows for image in row.images]
-        return self.processor(
-            text=[self._prompt_text(row) for row in rows],
-            images=images,
-            padding=True,
-            return_tensors="pt",
-            size=_size_range(images),
-        )
+        return self.preprocessor.process(rows)
 
     def merge(self, encoded: Sequence[EncodedRow]) -> dict[str, Any]:
         """`generate` arguments for a batch of encoded rows: sequence tensors left-padded to
@@ -335,7 +287,9 @@ class Generator:
 
     def inputs_for(self, rows: Sequence[Row]) -> dict[str, Any]:
         """The model's inputs for rows, encoding those that were not encoded ahead."""
-        return self.merge([row.inputs or self.encode(row) for row in rows])
+        return self.merge(
+            [self.encode_images(row.inputs) if row.inputs else self.encode(row) for row in rows]
+        )
 
     def _generation_config(self, sampling: SamplingParams) -> GenerationConfig:
         options: dict[str, Any] = {
@@ -401,10 +355,3 @@ def _join(parts: Sequence[Any]) -> Any:
     if isinstance(first, list):
         return [_join([part[i] for part in parts]) for i in range(len(first))]
     raise TypeError(f"unexpected image feature type {type(first).__name__}")
-
-
-def _size_range(images: Sequence[Image.Image]) -> dict[str, int]:
-    """A processor `size` whose pixel range holds every image as it is, so the processor
-    does not resize them again (that would change the grid and cost time)."""
-    pixels = [image.width * image.height for image in images]
-    return {"shortest_edge": min(pixels), "longest_edge": max(pixels)}
