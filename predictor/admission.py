@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from predictor.errors import QueueFull
+from predictor.errors import EngineUnavailable, QueueFull
 from predictor.openai.protocol import error_body
 
 Scope = dict[str, Any]
@@ -26,7 +26,8 @@ _CHAT = ("/openai/v1/chat/completions", "/v1/chat/completions")
 
 
 class AdmissionMiddleware:
-    """503 with Retry-After for inference POSTs while `admit()` raises `QueueFull`."""
+    """503 with Retry-After for inference POSTs while `admit()` raises `QueueFull` (or
+    `EngineUnavailable`: the engine process died and the pod is about to be restarted)."""
 
     def __init__(self, app: ASGIApp, admit: Callable[[], None], model_name: str):
         self.app = app
@@ -41,17 +42,16 @@ class AdmissionMiddleware:
             if chat or (v2 and v2["name"] == self.model_name):
                 try:
                     self.admit()
-                except QueueFull as full:
-                    await _refuse(send, full, chat)
+                except (QueueFull, EngineUnavailable) as refusal:
+                    await _refuse(send, refusal, chat)
                     return
         await self.app(scope, receive, send)
 
 
-async def _refuse(send: Callable, full: QueueFull, chat: bool) -> None:
+async def _refuse(send: Callable, full: QueueFull | EngineUnavailable, chat: bool) -> None:
     message = str(full)
-    body = (
-        error_body(message, "server_overloaded", None, "queue_full") if chat else {"error": message}
-    )
+    code = "queue_full" if isinstance(full, QueueFull) else "engine_unavailable"
+    body = error_body(message, "server_overloaded", None, code) if chat else {"error": message}
     payload = orjson.dumps(body)
     await send(
         {

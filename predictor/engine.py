@@ -149,6 +149,9 @@ class Engine:
         self._stopped = False
         self._group = 0
         self._reserved = 0  # admitted requests still decoding their images
+        # Called with (running rows, waiting requests, running requests) whenever they change
+        # (with the engine's lock held: keep it short); the engine process reports load so.
+        self.on_load: Callable[[int, int, int], None] | None = None
         self._thread = threading.Thread(target=self._work, name="qwen-vl-engine", daemon=True)
         self._thread.start()
 
@@ -229,6 +232,14 @@ class Engine:
             self._publish_load()
             self._lock.notify()
         return request
+
+    def put(self, rows: list[Row], arrived: float) -> _Request:
+        """Queue an already admitted request without waiting for it (the engine process's
+        entry point; its front decided admission). `abandon` it if its caller goes away."""
+        return self._enqueue(rows, arrived, admitted=True)
+
+    def abandon(self, request: _Request) -> None:
+        self._abandon(request)
 
     def _abandon(self, request: _Request) -> None:
         """The caller stopped waiting: drop its queued rows; running rows stop at next token."""
@@ -499,6 +510,8 @@ class Engine:
         metrics.REQUESTS_RUNNING.labels(self.model_name).set(len(self._running))
         rows = self._running_rows + len(self._queue)
         metrics.UTILIZATION.labels(self.model_name).set(min(1.0, rows / self.config.max_batch_size))
+        if self.on_load is not None:
+            self.on_load(self._running_rows, len(self._waiting - self._running), len(self._running))
 
     # ---- lifecycle --------------------------------------------------------------------
 

@@ -46,3 +46,13 @@ class DeadlineExceeded(GrpcException):
     def __init__(self, timeout_s: float):
         super().__init__(details=f"request did not finish within {timeout_s:g} s")
         self.reason = self.details
+
+
+class EngineUnavailable(ServerNotReady):
+    """The engine process is gone: requests it held, and new ones, fail at once (503, gRPC
+    UNAVAILABLE) while the server reports itself not ready and not live."""
+
+    def __init__(self, detail: str = "the engine process exited"):
+        super().__init__()
+        self.error_msg = self.reason = f"model engine unavailable: {detail}"
+        self.retry_after_s = RETRY_AFTER_S  # another replica may answer meanwhile

@@ -159,3 +159,15 @@ def load_model(settings: Settings) -> LoadedModel:
     model.eval()
     use_matmul_patch_embeddings(model)
     return LoadedModel(model, processor, model_type, device, dtype)
+
+
+def load_processor(settings: Settings) -> Any:
+    """The checkpoint's processor alone: what the server process needs when the model lives
+    in the engine process (`--engine_process`)."""
+    from transformers import AutoProcessor
+
+    source = resolve_source(settings)
+    check_architecture(source)
+    return AutoProcessor.from_pretrained(
+        source.path_or_id, revision=source.revision, trust_remote_code=False
+    )

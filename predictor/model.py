@@ -21,11 +21,13 @@ from kserve.protocol.infer_type import InferRequest, InferResponse
 
 from predictor import metrics
 from predictor.engine import Engine, EngineConfig, Reservation
-from predictor.errors import InvalidRequest
+from predictor.engine_client import RemoteEngine
+from predictor.errors import InvalidRequest, StartupError
 from predictor.generation import Generator, Row
 from predictor.images import ImageLimits, PixelBudget, prepare_image
-from predictor.loading import load_model
+from predictor.loading import load_model, load_processor
 from predictor.params import RequestLimits
+from predictor.preprocessing import Preprocessor
 from predictor.protocol import (
     INPUT_METADATA,
     OUTPUT_METADATA,
@@ -74,8 +76,10 @@ class QwenVLModel(Model):
         self.image_limits = ImageLimits(
             max_bytes=settings.max_image_bytes, max_decoded_pixels=settings.max_decoded_pixels
         )
-        self.generator: Generator | None = None
-        self.engine: Engine | None = None
+        self.generator: Generator | None = None  # in-process layout only
+        self.preprocessor: Generator | Preprocessor | None = None  # encodes rows for the engine
+        self.engine: Engine | RemoteEngine | None = None
+        self.engine_failed: str | None = None  # why the engine process died, if it did
         self.loaded_at = 0.0  # time.time() when the model became ready
         self.limits: RequestLimits | None = None
         metrics.touch(self.name)
@@ -83,6 +87,8 @@ class QwenVLModel(Model):
     def load(self) -> bool:
         """Load the checkpoint, run the warm-up generation, and only then report ready."""
         started = time.perf_counter()
+        if self.settings.engine_process:
+            return self._load_engine_process(started)
         loaded = load_model(self.settings)
         self.generator = Generator(
             loaded.model,
@@ -90,6 +96,7 @@ class QwenVLModel(Model):
             static_cache=self.settings.compile,
             trace_vision=self.settings.trace_vision,
         )
+        self.preprocessor = self.generator
         self.limits = self._request_limits(self.generator.default_budget)
         if self.settings.warmup:
             self.generator.warm_up()
@@ -107,6 +114,29 @@ class QwenVLModel(Model):
         self.loaded_at = time.time()
         logger.info("model %s ready in %d ms", self.name, _ms(started))
         return self.ready
+
+    def _load_engine_process(self, started: float) -> bool:
+        """The model in a process of its own (`predictor.engine_core`); only the processor
+        here. Ready once that process has loaded and warmed up."""
+        self.preprocessor = Preprocessor(load_processor(self.settings))
+        self.limits = self._request_limits(self.preprocessor.default_budget)
+        engine = RemoteEngine(self.settings, self.name)
+        engine.on_death = self._engine_died
+        self.engine = engine
+        try:
+            engine.wait_ready()
+        except StartupError:
+            engine.stop()
+            raise
+        self.ready = True
+        self.loaded_at = time.time()
+        logger.info("model %s ready in %d ms", self.name, _ms(started))
+        return self.ready
+
+    def _engine_died(self, detail: str) -> None:
+        """The engine process is gone and will not come back: stop saying ready or live."""
+        self.ready = False
+        self.engine_failed = detail
 
     def _request_limits(self, checkpoint_budget: PixelBudget) -> RequestLimits:
         cap = self.settings.max_pixels_limit
@@ -180,7 +210,7 @@ class QwenVLModel(Model):
 
     def _decode_rows(self, parsed: ParsedRequest) -> list[Row]:
         """Decode, resize and encode every image of a request (runs on a worker thread)."""
-        generator = self.generator
+        generator = self.preprocessor
         assert generator is not None
         rows = []
         for index, (data, prompt) in enumerate(zip(parsed.images, parsed.prompts, strict=True)):

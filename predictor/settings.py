@@ -49,6 +49,7 @@ class Settings:
     warmup: bool = True
     compile: bool = False
     trace_vision: bool = True
+    engine_process: bool = False
     cpu_threads: int = 0
     served_model_aliases: tuple[str, ...] = ()
     allow_remote_images: bool = False
@@ -197,6 +198,13 @@ def build_parser(parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.Ar
         "always eager",
     )
 
+    runtime.add_argument(
+        "--engine_process",
+        type=_bool,
+        default=_env("engine_process", d.engine_process, _bool),
+        help="run the model and its decode loop in a process of their own, apart from the "
+        "HTTP/gRPC front (see predictor.engine_core)",
+    )
     runtime.add_argument(
         "--cpu_threads",
         type=int,

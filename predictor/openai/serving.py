@@ -155,7 +155,7 @@ class ChatService:
         return converted, urls
 
     def _encode_row(self, messages, images, fields, limits, sampling) -> Row:
-        generator = self.model.generator
+        generator = self.model.preprocessor
         budget = self.model.limits.default_budget
         prepared = tuple(
             prepare_image(data, limits, field, budget, generator.resize_factor)

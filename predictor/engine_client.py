@@ -1,0 +1,297 @@
+"""The front's side of the engine core process (`predictor.engine_core`): `RemoteEngine`.
+
+It offers what the request path uses of `predictor.engine.Engine` (`reserve`,
+`check_capacity`, `submit`, `stop`), so the model and the OpenAI route do not care where the
+engine runs. Admission is decided here, at once and without asking the core: the front
+knows the requests it holds (decoding their images, or sent to the core) and the core reports
+its running rows and requests whenever they change; capacity is the queue plus the batch
+slots free, as in the engine itself.
+
+One thread reads the core's messages: text deltas go straight to each row's `on_text` (as
+the engine's thread calls it in-process), completions and errors resolve the request's future
+on its event loop. If the core dies, that thread fails every request the core held with
+`EngineUnavailable` (503) and calls `on_death`, which makes the model not ready and the
+server not live, so Kubernetes restarts the pod.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch.multiprocessing as torch_mp  # registers shared-memory reductions for tensors
+
+from predictor import engine_core, metrics
+from predictor.engine import EngineConfig
+from predictor.errors import DeadlineExceeded, EngineUnavailable, QueueFull, StartupError
+from predictor.generation import Row
+from predictor.protocol import Completion
+from predictor.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+STARTUP_POLL_S = 0.5
+STOP_TIMEOUT_S = 10.0
+
+
+class Reservation:
+    """A place held while a request decodes its images; release exactly once."""
+
+    def __init__(self, engine: RemoteEngine):
+        self._engine = engine
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._engine._release()
+
+
+@dataclass(eq=False)
+class _Pending:
+    """A request sent to the core, until its answer comes back."""
+
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    sinks: list[Callable[[str], None] | None] = field(default_factory=list)
+
+
+class RemoteEngine:
+    """The engine core process, started, watched and spoken to from the server process."""
+
+    def __init__(self, settings: Settings, model_name: str):
+        self.settings = settings
+        self.model_name = model_name
+        self.config = EngineConfig(
+            max_batch_size=settings.max_batch_size,
+            batch_wait_ms=settings.batch_wait_ms,
+            max_queue_size=settings.max_queue_size,
+            request_timeout_s=settings.request_timeout_s,
+        )
+        self.on_death: Callable[[str], None] | None = None
+        self.alive = False
+        self.info: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()  # a send may pickle megabytes: not under _lock
+        self._ids = itertools.count(1)
+        self._pending: dict[int, _Pending] = {}
+        self._reserved = 0
+        self._running_rows = 0
+        self._running_requests = 0
+        self._stopping = False
+        context = torch_mp.get_context("spawn")
+        self._connection, child_end = context.Pipe(duplex=True)
+        self.process = context.Process(
+            target=engine_core.run,
+            args=(settings, child_end),
+            name="qwen-vl-engine-core",
+            daemon=True,
+        )
+        self.process.start()
+        child_end.close()
+        self._reader: threading.Thread | None = None
+
+    # ---- start-up ---------------------------------------------------------------------
+
+    def wait_ready(self, timeout_s: float | None = None) -> None:
+        """Block until the core has loaded and warmed up the model; StartupError if it
+        fails or dies first."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while not self._connection.poll(STARTUP_POLL_S):
+            if not self.process.is_alive():
+                raise StartupError(f"the engine process exited with {self.process.exitcode}")
+            if deadline is not None and time.monotonic() > deadline:
+                raise StartupError(f"the engine process was not ready in {timeout_s:g} s")
+        try:
+            message = self._connection.recv()
+        except (EOFError, OSError):
+            raise StartupError(
+                f"the engine process exited with {self.process.join(5) or self.process.exitcode}"
+            ) from None
+        if message[0] != "ready":
+            raise StartupError(f"the engine process failed to load: {message[3]}")
+        self.info = message[1]
+        self.alive = True
+        self._reader = threading.Thread(target=self._read, name="engine-reader", daemon=True)
+        self._reader.start()
+        logger.info("engine process %d ready (%s)", self.process.pid, self.info)
+
+    # ---- admission (what Engine offers the request path) ------------------------------
+
+    def check_capacity(self) -> None:
+        with self._lock:
+            self._refuse_if_full()
+
+    def reserve(self) -> Reservation:
+        with self._lock:
+            self._refuse_if_full()
+            self._reserved += 1
+        return Reservation(self)
+
+    def _release(self) -> None:
+        with self._lock:
+            self._reserved -= 1
+
+    def _refuse_if_full(self) -> None:
+        """Called with the lock held."""
+        if not self.alive:
+            raise EngineUnavailable()
+        pending = self._reserved + max(0, len(self._pending) - self._running_requests)
+        free_slots = max(0, self.config.max_batch_size - self._running_rows)
+        if pending >= self.config.max_queue_size + free_slots:
+            metrics.REJECTED.labels(self.model_name).inc()
+            raise QueueFull(pending)
+
+    async def submit(
+        self,
+        rows: Sequence[Row],
+        arrived: float | None = None,
+        reservation: Reservation | None = None,
+    ) -> list[Completion]:
+        """Send one request's prepared rows to the core and wait for their completions."""
+        arrived = time.monotonic() if arrived is None else arrived
+        loop = asyncio.get_running_loop()
+        pending = _Pending(loop, loop.create_future(), [row.on_text for row in rows])
+        # The core encodes images and decodes; what it needs of a row is its tensors, its
+        # conversation and its settings (images are already in the tensors).
+        sent = [replace(row, images=(), on_text=None) for row in rows]
+        streams = [row.on_text is not None for row in rows]
+        try:
+            with self._lock:
+                if not self.alive:
+                    raise EngineUnavailable()
+                if reservation is None:
+                    self._refuse_if_full()
+                request_id = next(self._ids)
+                self._pending[request_id] = pending
+            try:
+                self._send("submit", request_id, sent, streams, arrived)
+            except OSError:
+                self._forget(request_id)
+                raise EngineUnavailable() from None
+        finally:
+            if reservation is not None:
+                reservation.release()
+        remaining = arrived + self.config.request_timeout_s - time.monotonic()
+        try:
+            return await asyncio.wait_for(pending.future, remaining)
+        except TimeoutError:
+            self._abort(request_id)
+            raise DeadlineExceeded(self.config.request_timeout_s) from None
+        except BaseException:  # cancelled (client gone) or failed: free its rows either way
+            self._abort(request_id)
+            raise
+
+    def _abort(self, request_id: int) -> None:
+        if self._forget(request_id) is not None and self.alive:
+            with contextlib.suppress(OSError):  # the core is gone; the reader fails the rest
+                self._send("abort", request_id)
+
+    def _forget(self, request_id: int) -> _Pending | None:
+        with self._lock:
+            return self._pending.pop(request_id, None)
+
+    def _send(self, *message: Any) -> None:
+        with self._send_lock:
+            self._connection.send(message)
+
+    # ---- the reader thread ------------------------------------------------------------
+
+    def _read(self) -> None:
+        while True:
+            try:
+                message = self._connection.recv()
+            except (EOFError, OSError):
+                break
+            try:
+                self._handle(message)
+            except Exception:  # a bad message must not stop the reader
+                logger.exception("unexpected message from the engine process: %r", message[:2])
+        self._died()
+
+    def _handle(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "text":
+            _, request_id, index, delta = message
+            pending = self._pending.get(request_id)
+            if pending is not None and pending.sinks[index] is not None:
+                pending.sinks[index](delta)
+        elif kind == "done":
+            pending = self._forget(message[1])
+            if pending is not None:
+                pending.loop.call_soon_threadsafe(_resolve, pending.future, message[2], None)
+        elif kind == "failed":
+            _, request_id, reason, detail = message
+            pending = self._forget(request_id)
+            if pending is not None:
+                error: BaseException = (
+                    DeadlineExceeded(self.config.request_timeout_s)
+                    if reason == "deadline"
+                    else RuntimeError(detail)
+                )
+                pending.loop.call_soon_threadsafe(_resolve, pending.future, None, error)
+        elif kind == "load":
+            _, rows, waiting, running = message
+            with self._lock:
+                self._running_rows, self._running_requests = rows, running
+            metrics.REQUESTS_WAITING.labels(self.model_name).set(waiting)
+            metrics.REQUESTS_RUNNING.labels(self.model_name).set(running)
+            metrics.UTILIZATION.labels(self.model_name).set(
+                min(1.0, rows / self.config.max_batch_size)
+            )
+
+    def _died(self) -> None:
+        """The core's end of the pipe closed: fail what it held; tell the model."""
+        with self._lock:
+            self.alive = False
+            held = list(self._pending.values())
+            self._pending.clear()
+            stopping = self._stopping
+        self.process.join(timeout=1)
+        detail = f"the engine process exited with {self.process.exitcode}"
+        if not stopping:
+            logger.error("%s; %d requests fail", detail, len(held))
+        for pending in held:
+            pending.loop.call_soon_threadsafe(
+                _resolve, pending.future, None, EngineUnavailable(detail)
+            )
+        metrics.REQUESTS_RUNNING.labels(self.model_name).set(0)
+        metrics.REQUESTS_WAITING.labels(self.model_name).set(0)
+        if not stopping and self.on_death is not None:
+            self.on_death(detail)
+
+    # ---- lifecycle --------------------------------------------------------------------
+
+    @property
+    def idle(self) -> bool:
+        with self._lock:
+            return not self._pending
+
+    def stop(self) -> None:
+        """Ask the core to stop; kill it if it does not exit in time."""
+        with self._lock:
+            self._stopping = True
+        if self.process.is_alive():
+            with contextlib.suppress(OSError):
+                self._send("stop")
+            self.process.join(STOP_TIMEOUT_S)
+            if self.process.is_alive():
+                self.process.kill()
+                self.process.join()
+        self._connection.close()
+
+
+def _resolve(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

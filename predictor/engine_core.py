@@ -1,0 +1,203 @@
+"""The engine core: a process of its own that owns the model, the device, the vision encoder
+and the decode loop, and does nothing else (`--engine_process`).
+
+Why a process: in one process, HTTP and gRPC handling, JSON and base64, JPEG decoding, the
+processor, the vision encoder and the decode loop take turns on one GIL, and every turn the
+request side takes is a pause in decoding for every running row. vLLM (an API server and an
+`EngineCore` process), SGLang and TGI split the request front from the model loop for the same
+reason. Here the KServe server process stays the front (protocols, validation, images, the
+processor's CPU work, admission, metrics) and sends prepared rows to this process
+(`predictor.engine_client.RemoteEngine`), which runs the same `Engine` as the in-process
+layout.
+
+Transport: one duplex pipe from a `spawn` multiprocessing context, carrying pickled tuples.
+`torch.multiprocessing` registers reductions with the pickler the pipe uses, so a row's pixel
+patches (megabytes of floats for a 1 MP image) travel in shared memory and only a file
+descriptor crosses the pipe; everything else is small (token ids, text deltas, load figures).
+ZMQ with msgpack, as vLLM uses, would add a dependency and a tensor serialisation of our own
+for no gain at one front and one core on one host.
+
+Messages, front to core: ("submit", id, rows, streams, arrived), ("abort", id), ("stop",).
+Core to front: ("ready", info), ("text", id, row, delta), ("done", id, completions),
+("failed", id, kind, message), ("load", running rows, waiting requests, running requests).
+
+Lifecycle: the core loads and warms up the model before it says "ready". It exits when the
+front closes the pipe or dies: the pipe's end wakes the receiving loop, and on Linux the kernel
+also kills the core when its parent exits (`PR_SET_PDEATHSIG`), so no core outlives its front.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import logging
+import os
+import signal
+import sys
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
+from typing import Any
+
+from predictor.errors import DeadlineExceeded
+from predictor.settings import Settings
+
+logger = logging.getLogger("predictor.engine_core")
+
+VISION_THREADS = 2  # rows through the vision encoder while the decode loop runs
+_PR_SET_PDEATHSIG = 1
+
+
+def run(settings: Settings, connection: Any) -> None:
+    """The core process's entry point (spawned by `RemoteEngine`)."""
+    _exit_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front decides when to stop
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _configure_logging()
+    sys.setswitchinterval(0.001)
+    try:
+        core = Core.load(settings, connection)
+    except Exception as exc:  # reported to the front, which refuses to start
+        logger.exception("engine core failed to load")
+        with contextlib.suppress(OSError):
+            connection.send(("failed", None, type(exc).__name__, str(exc)))
+        os._exit(3)
+    core.serve()
+    os._exit(0)
+
+
+class Core:
+    """Receives prepared rows, runs them through the engine, sends their tokens back."""
+
+    def __init__(self, engine: Any, generator: Any, connection: Any):
+        self.engine = engine
+        self.generator = generator
+        self.connection = connection
+        self._send_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._requests: dict[int, Any] = {}
+        self._aborted: set[int] = set()
+        self._vision = ThreadPoolExecutor(VISION_THREADS, thread_name_prefix="vision")
+        engine.on_load = self._report_load
+
+    @classmethod
+    def load(cls, settings: Settings, connection: Any) -> Core:
+        # Imported here: the front imports this module to name the process's target, and
+        # should not pay for torch and transformers' model code twice.
+        from predictor.engine import Engine, EngineConfig
+        from predictor.generation import Generator
+        from predictor.loading import load_model
+
+        loaded = load_model(settings)
+        generator = Generator(
+            loaded.model,
+            loaded.processor,
+            static_cache=settings.compile,
+            trace_vision=settings.trace_vision,
+        )
+        if settings.warmup:
+            generator.warm_up()
+        config = EngineConfig(
+            max_batch_size=settings.max_batch_size,
+            batch_wait_ms=settings.batch_wait_ms,
+            max_queue_size=settings.max_queue_size,
+            request_timeout_s=settings.request_timeout_s,
+        )
+        engine = Engine(generator, settings.model_name, config)
+        core = cls(engine, generator, connection)
+        core.send("ready", {"device": str(generator.device), "continuous": engine.continuous})
+        return core
+
+    def send(self, *message: Any) -> None:
+        with self._send_lock:
+            self.connection.send(message)
+
+    def serve(self) -> None:
+        """Handle the front's messages until it stops us or goes away."""
+        while True:
+            try:
+                message = self.connection.recv()
+            except (EOFError, OSError):
+                logger.info("the front closed its end; the engine core exits")
+                return
+            kind = message[0]
+            if kind == "submit":
+                self._vision.submit(self._admit, *message[1:])
+            elif kind == "abort":
+                self._abort(message[1])
+            elif kind == "stop":
+                self.engine.stop()
+                return
+
+    def _admit(self, request_id: int, rows: list[Any], streams: list[bool], arrived: float):
+        """Encode a request's images (off the decode loop's thread) and queue its rows."""
+        try:
+            prepared = [
+                replace(
+                    row,
+                    inputs=self.generator.encode_images(row.inputs),
+                    on_text=self._sink(request_id, index) if stream else None,
+                )
+                for index, (row, stream) in enumerate(zip(rows, streams, strict=True))
+            ]
+            with self._lock:
+                if request_id in self._aborted:
+                    self._aborted.discard(request_id)
+                    return
+                request = self.engine.put(prepared, arrived)
+                self._requests[request_id] = request
+        except Exception as exc:
+            logger.exception("request %s could not be queued", request_id)
+            self.send("failed", request_id, "error", f"generation failed: {exc}")
+            return
+        request.future.add_done_callback(lambda done: self._finished(request_id, done))
+
+    def _abort(self, request_id: int) -> None:
+        with self._lock:
+            request = self._requests.pop(request_id, None)
+            if request is None:
+                self._aborted.add(request_id)  # still being encoded: dropped when it is
+                return
+        self.engine.abandon(request)
+
+    def _finished(self, request_id: int, done: Future) -> None:
+        with self._lock:
+            self._requests.pop(request_id, None)
+        error = done.exception()
+        if error is None:
+            self.send("done", request_id, done.result())
+        elif isinstance(error, DeadlineExceeded):
+            self.send("failed", request_id, "deadline", str(error.details))
+        else:
+            self.send("failed", request_id, "error", str(error))
+
+    def _sink(self, request_id: int, index: int) -> Any:
+        return lambda delta: self.send("text", request_id, index, delta)
+
+    def _report_load(self, running_rows: int, waiting: int, running: int) -> None:
+        with contextlib.suppress(OSError):
+            self.send("load", running_rows, waiting, running)
+
+
+def _exit_with_parent() -> None:
+    """Ask Linux to kill this process when its parent dies (no orphaned engine holding a
+    GPU). Elsewhere the closed pipe still ends it."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def _configure_logging() -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s [engine core]: %(message)s")
+    )
+    root = logging.getLogger("predictor")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    root.propagate = False
