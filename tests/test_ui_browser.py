@@ -336,3 +336,32 @@ def test_a_folder_sends_its_images_only_and_the_page_fits_a_phone(page, tmp_path
     with zipfile.ZipFile(download.value.path()) as archive:
         assert archive.testzip() is None
         assert sorted(archive.namelist()) == ["cat.txt", "trip/beach.txt"]
+
+
+def test_dropped_files_join_and_shared_caption_names_stay_apart(page) -> None:
+    """A drop (a synthetic one: headless Chromium cannot drag from a desktop) of `cat.jpg`
+    and `cat.png`, which describe would both caption as `cat.txt`, and `cat.jpg` again."""
+    jpeg = base64.b64encode(images.jpeg()).decode()
+    png = base64.b64encode(images.encode(images.gradient(), "PNG")).decode()
+    page.evaluate(
+        """([jpeg, png]) => {
+            const bytes = (b64) => Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes(jpeg)], 'cat.jpg', {type: 'image/jpeg'}));
+            transfer.items.add(new File([bytes(png)], 'cat.png', {type: 'image/png'}));
+            transfer.items.add(new File([bytes(jpeg)], 'cat.jpg', {type: 'image/jpeg'}));
+            const zone = document.getElementById('drop-zone');
+            zone.dispatchEvent(new DragEvent('drop', {dataTransfer: transfer, bubbles: true}));
+        }""",
+        [jpeg, png],
+    )
+    page.wait_for_function("document.querySelectorAll('[data-testid=result]').length === 3")
+    assert list(results(page)) == ["cat.jpg", "cat.png", "cat (2).jpg"]
+    page.fill("#max-tokens", "4")
+    page.get_by_role("button", name="Describe", exact=True).click()
+    page.wait_for_function(ALL_FINISHED, timeout=30_000)
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Download captions (ZIP)").click()
+    with zipfile.ZipFile(download.value.path()) as archive:
+        assert archive.testzip() is None
+        assert archive.namelist() == ["cat.jpg.txt", "cat.png.txt", "cat (2).txt"]

@@ -598,11 +598,20 @@
     save(new Blob(lines, { type: "application/x-ndjson" }), "captions.jsonl");
   }
 
+  /** `photo.jpg` -> `photo.txt`, as describe names sidecars; `a.jpg` and `a.png` would share
+   * `a.txt`, so those keep their whole name (`a.jpg.txt`) rather than one replacing the other. */
+  function captionNames(described) {
+    const plain = described.map((item) => item.key.replace(/(\.[^./]*)?$/, ".txt"));
+    const counts = new Map();
+    for (const name of plain) counts.set(name, (counts.get(name) || 0) + 1);
+    return plain.map((name, i) => (counts.get(name) > 1 ? `${described[i].key}.txt` : name));
+  }
+
   function downloadZip() {
     const encoder = new TextEncoder();
-    const entries = items
-      .filter((item) => item.state === "done")
-      .map((item) => ({ name: item.key.replace(/(\.[^./]*)?$/, ".txt"), data: encoder.encode(item.text) }));
+    const described = items.filter((item) => item.state === "done");
+    const names = captionNames(described);
+    const entries = described.map((item, i) => ({ name: names[i], data: encoder.encode(item.text) }));
     save(window.StoredZip.buildZip(entries), "captions.zip");
   }
 
