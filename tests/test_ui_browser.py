@@ -41,9 +41,11 @@ CHROMIUM_ARGS = [
 # max_tokens (it never says its end-of-turn token), about 10 s for 4 images on one CPU.
 LONG_TOKENS = 3000
 SHORT_TOKENS = 24
+# Every image done or failed, and the run over (its last result can show a moment before).
 ALL_FINISHED = """() => {
   const results = [...document.querySelectorAll('[data-testid=result]')];
-  return results.length > 0 && results.every((r) => ['done', 'error'].includes(r.dataset.state));
+  return results.length > 0 && results.every((r) => ['done', 'error'].includes(r.dataset.state))
+    && document.getElementById('stop').disabled;
 }"""
 
 
@@ -238,7 +240,8 @@ def test_stop_cancels_the_requests_and_frees_the_engine(
     page.get_by_role("button", name="Stop", exact=True).click()
     page.wait_for_function(
         """() => [...document.querySelectorAll('[data-testid=result]')]
-            .every((r) => r.dataset.state === 'stopped')""",
+            .every((r) => r.dataset.state === 'stopped')
+            && document.getElementById('stop').disabled""",
         timeout=10_000,
     )
     assert page.inner_text("#run-status").startswith("Stopped")
