@@ -39,7 +39,7 @@ def client_for(settings: Settings) -> TestClient:
 
 @pytest.fixture(scope="module")
 def client() -> TestClient:
-    return client_for(Settings(default_prompt="Say what </script><b>you</b> see & more."))
+    return client_for(Settings(default_prompt="Say what </script><b>you</b> see & more. {{MODEL}}"))
 
 
 def embedded_config(html: str) -> dict:
@@ -73,7 +73,8 @@ def test_a_prompt_cannot_close_the_config_block(client: TestClient) -> None:
     # One closing tag for the config block: the prompt's "</script>" arrives escaped...
     assert html.count("</script>") == 3  # the config block and the two script tags
     # ... and still reads back as the server's prompt.
-    assert embedded_config(html)["default_prompt"] == "Say what </script><b>you</b> see & more."
+    prompt = "Say what </script><b>you</b> see & more. {{MODEL}}"
+    assert embedded_config(html)["default_prompt"] == prompt
 
 
 def test_page_and_assets_forbid_foreign_scripts_and_connections(client: TestClient) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request, Response
 
-from predictor.params import MAX_SEED, RequestLimits
+from predictor.params import MAX_SEED, MAX_TEMPERATURE, MAX_TOP_K, RequestLimits, SamplingParams
 from predictor.settings import Settings
 
 PAGE = "index.html"
@@ -28,7 +28,7 @@ ASSETS = {  # file in predictor/ui/static: its content type
     "style.css": "text/css; charset=utf-8",
 }
 CONFIG_MARK = "{{CONFIG_JSON}}"
-TOP_K_MAX = 1_000_000  # predictor.params' range for top_k
+MODEL_MARK = "{{MODEL}}"
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
@@ -43,21 +43,22 @@ SECURITY_HEADERS = {
 
 def page_config(model_name: str, settings: Settings, limits: RequestLimits) -> dict[str, Any]:
     """What the page needs to know that no public route says: defaults and limits."""
+    sampling = SamplingParams(max_new_tokens=limits.max_new_tokens)  # a request's defaults
     return {
         "model": model_name,
         "default_prompt": settings.default_prompt,
         "defaults": {
-            "max_tokens": limits.max_new_tokens,
-            "temperature": 0.0,
-            "top_p": 1.0,
-            "top_k": 0,
+            "max_tokens": sampling.max_new_tokens,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "top_k": sampling.top_k,
             "min_pixels": limits.default_budget.min_pixels,
             "max_pixels": limits.default_budget.max_pixels,
         },
         "limits": {
             "max_tokens": limits.max_new_tokens_limit,
-            "temperature": 2.0,
-            "top_k": TOP_K_MAX,
+            "temperature": MAX_TEMPERATURE,
+            "top_k": MAX_TOP_K,
             "seed": str(MAX_SEED),  # beyond JavaScript's exact integers: a string
             "max_pixels": limits.max_pixels_limit,
             "max_image_bytes": settings.max_image_bytes,
@@ -93,8 +94,9 @@ def render_page(config: dict[str, Any]) -> bytes:
     template = _read(PAGE).decode("utf-8")
     if CONFIG_MARK not in template:
         raise RuntimeError(f"{PAGE} has no {CONFIG_MARK} placeholder")
-    title = html.escape(config["model"])
-    return template.replace(CONFIG_MARK, data).replace("{{MODEL}}", title).encode("utf-8")
+    # The model name first: a prompt in the config may contain the other mark.
+    page = template.replace(MODEL_MARK, html.escape(config["model"]))
+    return page.replace(CONFIG_MARK, data).encode("utf-8")
 
 
 def register_ui_routes(app: FastAPI, config: dict[str, Any]) -> None:
