@@ -368,3 +368,27 @@ def test_dropped_files_join_and_shared_caption_names_stay_apart(page) -> None:
     with zipfile.ZipFile(download.value.path()) as archive:
         assert archive.testzip() is None
         assert archive.namelist() == ["cat.jpg.txt", "cat.png.txt", "cat (2).txt"]
+
+
+def test_an_error_in_the_middle_of_a_stream_is_shown_with_the_servers_message(
+    browser, tiny_qwen3_vl: Path, tmp_path: Path
+) -> None:
+    """The status line is sent before generation starts; a later failure (here the server's
+    1 s deadline, ~300 tokens into a 3000-token run) arrives as an error event in the stream,
+    and the page shows its message."""
+    picture = tmp_path / "long.png"
+    picture.write_bytes(images.encode(images.gradient((128, 96)), "PNG"))
+    args = ("--max_new_tokens_limit", str(LONG_TOKENS), "--request_timeout_s", "1")
+    with start_server(tiny_qwen3_vl, tmp_path / "server.log", *args) as server:
+        page = browser.new_page()
+        try:
+            page.goto(f"{server.url}/ui")
+            page.set_input_files("#file-input", str(picture))
+            page.fill("#max-tokens", str(LONG_TOKENS))
+            page.get_by_role("button", name="Describe", exact=True).click()
+            page.wait_for_function(ALL_FINISHED, timeout=30_000)
+        finally:
+            shown = results(page)["long.png"]
+            page.close()
+    assert shown["state"] == "error"
+    assert shown["text"] == "request did not finish within 1 s", shown
