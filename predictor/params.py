@@ -16,6 +16,8 @@ from predictor.errors import InvalidRequest
 from predictor.images import PixelBudget
 
 MAX_SEED = 2**63 - 1
+MAX_TEMPERATURE = 2.0
+MAX_TOP_K = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -92,9 +94,9 @@ def parse_generation_params(
     max_new_tokens = _int(params, "max_new_tokens", 1, limits.max_new_tokens_limit)
     sampling = SamplingParams(
         max_new_tokens=max_new_tokens or limits.max_new_tokens,
-        temperature=_float(params, "temperature", 0.0, 2.0) or 0.0,
+        temperature=_float(params, "temperature", 0.0, MAX_TEMPERATURE) or 0.0,
         top_p=_float(params, "top_p", 0.0, 1.0, lo_open=True) or 1.0,
-        top_k=_int(params, "top_k", 0, 1_000_000) or 0,
+        top_k=_int(params, "top_k", 0, MAX_TOP_K) or 0,
         repetition_penalty=_float(params, "repetition_penalty", 0.0, 10.0, lo_open=True) or 1.0,
         seed=_int(params, "seed", 0, MAX_SEED),
     )

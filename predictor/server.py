@@ -83,6 +83,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from predictor.openai.router import register_openai_routes
     from predictor.openai.serving import ChatService
     from predictor.rest import register_infer_routes
+    from predictor.ui.routes import page_config, register_ui_routes
 
     parser = build_parser(parents=[kserve_server.parser])
     args = parser.parse_args(argv)
@@ -131,6 +132,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     chat = ChatService(model, settings.served_model_aliases, remote)
     register_openai_routes(kserve_server.app, chat)
+    if settings.enable_ui:
+        assert model.limits is not None  # set by load()
+        config = page_config(model.name, settings, model.limits)
+        register_ui_routes(kserve_server.app, config)
     # Everything built so far (the model, transformers, KServe, FastAPI: about half a million
     # objects) lives as long as the process; frozen, the garbage collector's full passes,
     # which would otherwise walk all of them and stall a request for ~0.1 s, skip them.

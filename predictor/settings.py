@@ -59,6 +59,7 @@ class Settings:
     batch_wait_ms: float = 0.0
     max_queue_size: int = 64
     request_timeout_s: float = 300.0
+    enable_ui: bool = True
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
@@ -264,6 +265,15 @@ def build_parser(parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.Ar
         type=float,
         default=_env("remote_image_timeout_s", d.remote_image_timeout_s, float),
         help="time limit for fetching one remote image",
+    )
+
+    ui = parser.add_argument_group("web playground")
+    ui.add_argument(
+        "--enable_ui",
+        type=_bool,
+        default=_env("enable_ui", d.enable_ui, _bool),
+        help="serve the playground page at GET /ui (it calls the OpenAI routes, which stay "
+        "on either way)",
     )
 
     requests = parser.add_argument_group("request defaults and limits")

@@ -179,6 +179,61 @@ def test_bad_requests_are_bad_request_errors(
     assert server.is_ready()
 
 
+def test_vllm_sampling_and_processor_fields_reach_the_engine(
+    client: openai.OpenAI, server: LiveServer
+) -> None:
+    """`top_k`, `repetition_penalty` and `mm_processor_kwargs` (vLLM's names for the v2
+    route's parameters), sent as the `openai` SDK sends extra fields: `extra_body`."""
+    picture = data_url(images.encode(images.gradient((400, 300)), "PNG"), "png")
+
+    def ask(**extra: object) -> openai.types.chat.ChatCompletion:
+        return client.chat.completions.create(
+            model="qwen-vl", messages=[user_turn(picture)], max_tokens=10, extra_body=extra
+        )
+
+    greedy = ask()
+    # Sampling from the single most likely token is greedy decoding, whatever the seed.
+    assert ask(temperature=1.5, top_k=1, seed=7).choices[0].message.content == (
+        greedy.choices[0].message.content
+    )
+    assert ask(top_k=-1).choices[0].message.content == greedy.choices[0].message.content
+    assert ask(repetition_penalty=1.0).choices[0].message.content == (
+        greedy.choices[0].message.content
+    )
+    # A smaller pixel budget resizes the image to fewer patches: fewer prompt tokens.
+    small = ask(mm_processor_kwargs={"max_pixels": 28 * 28 * 16})
+    assert small.usage.prompt_tokens < greedy.usage.prompt_tokens
+    big = ask(mm_processor_kwargs={"min_pixels": 500_000, "max_pixels": 600_000})
+    assert big.usage.prompt_tokens > greedy.usage.prompt_tokens
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"top_k": -2}, "top_k"),
+        ({"top_k": "many"}, "top_k"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"mm_processor_kwargs": {"max_pixels": 10**9}}, "mm_processor_kwargs.max_pixels"),
+        (
+            {"mm_processor_kwargs": {"min_pixels": 600_000, "max_pixels": 500_000}},
+            "mm_processor_kwargs.min_pixels",
+        ),
+        ({"mm_processor_kwargs": {"fps": 2}}, "mm_processor_kwargs.fps"),
+    ],
+    ids=["top-k-negative", "top-k-text", "no-penalty", "pixels-over-limit", "min-over-max", "fps"],
+)
+def test_bad_vllm_fields_are_bad_request_errors(
+    client: openai.OpenAI, server: LiveServer, extra: dict, param: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(
+            model="qwen-vl", messages=[user_turn(DATA_URL)], max_tokens=2, extra_body=extra
+        )
+    assert error.value.body["param"] == param, error.value.body
+    assert error.value.body["message"].startswith(param)
+    assert server.is_ready()
+
+
 def test_unknown_model_is_not_found_in_openai_shape(
     client: openai.OpenAI, server: LiveServer
 ) -> None:

@@ -44,6 +44,13 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class ProcessorKwargs(_Strict):
+    """vLLM's `mm_processor_kwargs`, limited to the Qwen processor's per-image pixel budget."""
+
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+
+
 class ChatCompletionRequest(_Strict):
     model: str
     messages: list[Message] = Field(min_length=1)
@@ -52,6 +59,10 @@ class ChatCompletionRequest(_Strict):
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = None
+    # Sampling and processor fields vLLM accepts beside OpenAI's (the v2 route's parameters).
+    top_k: int | None = None  # 0 (or vLLM's -1) turns it off
+    repetition_penalty: float | None = None
+    mm_processor_kwargs: ProcessorKwargs | None = None
     stop: str | list[str] | None = None
     n: int | None = None
     stream: bool = False

@@ -20,15 +20,19 @@ from pydantic import ValidationError
 from predictor.engine import Reservation
 from predictor.errors import InvalidRequest
 from predictor.generation import Row
-from predictor.images import ImageLimits, prepare_image
+from predictor.images import ImageLimits, PixelBudget, prepare_image
 from predictor.openai.image_urls import RemotePolicy, fetch_image_url
-from predictor.openai.protocol import ChatCompletionRequest, Message, Usage
-from predictor.params import parse_generation_params
+from predictor.openai.protocol import ChatCompletionRequest, Message, ProcessorKwargs, Usage
+from predictor.params import SamplingParams, parse_generation_params
 from predictor.protocol import Completion
 
 MAX_STOP_STRINGS = 4  # OpenAI's own limit
 # Our parameter names in errors, as the OpenAI request calls them.
-_OPENAI_NAMES = {"max_new_tokens": "max_tokens"}
+_OPENAI_NAMES = {
+    "min_pixels": "mm_processor_kwargs.min_pixels",
+    "max_pixels": "mm_processor_kwargs.max_pixels",
+}
+TOP_K_OFF = -1  # vLLM's spelling of "no top-k"; ours is 0
 
 
 class UnknownModel(Exception):
@@ -88,41 +92,54 @@ class ChatService:
     async def prepare(self, request: ChatCompletionRequest, reservation: Reservation) -> ChatCall:
         """Validate parameters, fetch and decode images, encode the conversation."""
         arrived = time.monotonic()
-        sampling = self._sampling(request)
+        sampling, budget = self._sampling(request)
         messages, urls = self._conversation(request.messages)
         settings = self.model.settings
         limits = ImageLimits(settings.max_image_bytes, settings.max_decoded_pixels)
         images = [await fetch_image_url(url, self.remote, field) for field, url in urls]
         loop = asyncio.get_running_loop()
         row = await loop.run_in_executor(
-            None, self._encode_row, messages, images, [f for f, _ in urls], limits, sampling
+            None,
+            self._encode_row,
+            messages,
+            images,
+            [f for f, _ in urls],
+            limits,
+            sampling,
+            budget,
         )
         chat_id = f"chatcmpl-{uuid.uuid4().hex}"
         return ChatCall(request, row, chat_id, int(time.time()), arrived, reservation)
 
-    def _sampling(self, request: ChatCompletionRequest):
+    def _sampling(self, request: ChatCompletionRequest) -> tuple[SamplingParams, PixelBudget]:
         if request.n not in (None, 1):
             raise InvalidRequest("n", "only n = 1 is supported")
         if request.stream_options is not None and not request.stream:
             raise InvalidRequest("stream_options", "is only allowed when stream is true")
         tokens_field = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
+        pixels = request.mm_processor_kwargs or ProcessorKwargs()
         params = {
             "max_new_tokens": request.max_completion_tokens or request.max_tokens,
             "temperature": request.temperature,
             "top_p": request.top_p,
+            "top_k": 0 if request.top_k == TOP_K_OFF else request.top_k,
+            "repetition_penalty": request.repetition_penalty,
             "seed": request.seed,
+            "min_pixels": pixels.min_pixels,
+            "max_pixels": pixels.max_pixels,
         }
         try:
-            sampling, _ = parse_generation_params(
+            sampling, budget = parse_generation_params(
                 {k: v for k, v in params.items() if v is not None}, self.model.limits
             )
         except InvalidRequest as exc:
-            field = tokens_field if exc.field == "max_new_tokens" else exc.field
+            names = {**_OPENAI_NAMES, "max_new_tokens": tokens_field}
+            field = names.get(exc.field, exc.field)
             raise InvalidRequest(field, str(exc).split(": ", 1)[1]) from None
         stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
         if len(stop) > MAX_STOP_STRINGS or any(not s for s in stop):
             raise InvalidRequest("stop", f"takes up to {MAX_STOP_STRINGS} non-empty strings")
-        return replace(sampling, stop=tuple(stop))
+        return replace(sampling, stop=tuple(stop)), budget
 
     def _conversation(
         self, messages: list[Message]
@@ -154,9 +171,8 @@ class ChatService:
             )
         return converted, urls
 
-    def _encode_row(self, messages, images, fields, limits, sampling) -> Row:
+    def _encode_row(self, messages, images, fields, limits, sampling, budget) -> Row:
         generator = self.model.preprocessor
-        budget = self.model.limits.default_budget
         prepared = tuple(
             prepare_image(data, limits, field, budget, generator.resize_factor)
             for data, field in zip(images, fields, strict=True)
