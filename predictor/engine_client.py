@@ -237,6 +237,10 @@ class RemoteEngine:
                     else RuntimeError(detail)
                 )
                 pending.loop.call_soon_threadsafe(_resolve, pending.future, None, error)
+        elif kind == "metrics":
+            for name, method, value in message[1]:
+                if name in engine_core.FORWARDED_METRICS and method in ("observe", "inc"):
+                    getattr(getattr(metrics, name).labels(self.model_name), method)(value)
         elif kind == "load":
             _, rows, waiting, running = message
             with self._lock:

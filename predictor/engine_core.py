@@ -19,7 +19,8 @@ for no gain at one front and one core on one host.
 
 Messages, front to core: ("submit", id, rows, streams, arrived), ("abort", id), ("stop",).
 Core to front: ("ready", info), ("text", id, row, delta), ("done", id, completions),
-("failed", id, kind, message), ("load", running rows, waiting requests, running requests).
+("failed", id, kind, message), ("load", running rows, waiting requests, running requests),
+("metrics", [(collector, method, value), ...]) every 0.1 s while the engine records any.
 
 Lifecycle: the core loads and warms up the model before it says "ready". It exits when the
 front closes the pipe or dies: the pipe's end wakes the receiving loop, and on Linux the kernel
@@ -36,6 +37,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
@@ -46,6 +48,19 @@ from predictor.settings import Settings
 logger = logging.getLogger("predictor.engine_core")
 
 VISION_THREADS = 2  # rows through the vision encoder while the decode loop runs
+METRICS_FLUSH_S = 0.1  # how often the engine's metric updates go to the front
+# The engine's own metrics: recorded here, applied to the front's collectors (which /metrics
+# serves). Load gauges travel in "load" messages instead, since admission needs them too.
+FORWARDED_METRICS = (
+    "BATCH_SIZE",
+    "QUEUE_WAIT_SECONDS",
+    "TIME_TO_FIRST_TOKEN_SECONDS",
+    "GENERATION_SECONDS",
+    "IMAGES",
+    "GENERATED_TOKENS",
+    "PROMPT_TOKENS",
+    "REJECTED",
+)
 _PR_SET_PDEATHSIG = 1
 
 
@@ -89,6 +104,7 @@ class Core:
         from predictor.generation import Generator
         from predictor.loading import load_model
 
+        forwarded = _forward_metrics()
         loaded = load_model(settings)
         generator = Generator(
             loaded.model,
@@ -106,6 +122,9 @@ class Core:
         )
         engine = Engine(generator, settings.model_name, config)
         core = cls(engine, generator, connection)
+        threading.Thread(
+            target=core._flush_metrics, args=(forwarded,), name="metrics", daemon=True
+        ).start()
         core.send("ready", {"device": str(generator.device), "continuous": engine.continuous})
         return core
 
@@ -175,9 +194,66 @@ class Core:
     def _sink(self, request_id: int, index: int) -> Any:
         return lambda delta: self.send("text", request_id, index, delta)
 
+    def _flush_metrics(self, forwarded: _MetricEvents) -> None:
+        while True:
+            time.sleep(METRICS_FLUSH_S)
+            events = forwarded.take()
+            if events:
+                try:
+                    self.send("metrics", events)
+                except OSError:
+                    return
+
     def _report_load(self, running_rows: int, waiting: int, running: int) -> None:
         with contextlib.suppress(OSError):
             self.send("load", running_rows, waiting, running)
+
+
+class _MetricEvents:
+    """Metric updates recorded in this process, waiting to be sent to the front."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._events: list[tuple[str, str, float]] = []
+
+    def record(self, name: str, method: str, value: float) -> None:
+        with self._lock:
+            self._events.append((name, method, value))
+
+    def take(self) -> list[tuple[str, str, float]]:
+        with self._lock:
+            events, self._events = self._events, []
+        return events
+
+
+class _ForwardedMetric:
+    """Stands in for one of `predictor.metrics`' collectors in this process: `labels(...)`
+    then `observe`, `inc` or `set` records the update for the front (the only process whose
+    /metrics Prometheus scrapes), which applies it to the real collector."""
+
+    def __init__(self, name: str, events: _MetricEvents):
+        self.name = name
+        self.events = events
+
+    def labels(self, *values: str) -> _ForwardedMetric:
+        return self  # one model per process: the front labels with its model name
+
+    def observe(self, value: float) -> None:
+        self.events.record(self.name, "observe", value)
+
+    def inc(self, value: float = 1.0) -> None:
+        self.events.record(self.name, "inc", value)
+
+
+def _forward_metrics() -> _MetricEvents:
+    """Replace the engine's collectors in this process by forwarding stand-ins (before the
+    engine is built: it looks some of them up once)."""
+    from predictor import metrics
+
+    events = _MetricEvents()
+    for name in FORWARDED_METRICS:
+        setattr(metrics, name, _ForwardedMetric(name, events))
+    return events
 
 
 def _exit_with_parent() -> None:

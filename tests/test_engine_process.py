@@ -108,6 +108,35 @@ def test_greedy_text_is_the_in_process_generators(server: LiveServer, tiny_qwen3
     assert text_of(reply) == generator.describe([row])[0].text
 
 
+def test_the_engines_metrics_reach_the_servers_metrics(server: LiveServer) -> None:
+    before = {
+        name: gauge(server, name)
+        for name in (
+            "qwen_vl_images_total",
+            "qwen_vl_generated_tokens_total",
+            "qwen_vl_batch_size_count",
+            "qwen_vl_time_to_first_token_seconds_count",
+        )
+    }
+    reply = httpx.post(server.infer_url, json=infer_body(images.jpeg(), 6), timeout=60)
+    outputs = {o["name"]: o["data"] for o in reply.json()["outputs"]}
+    deadline = time.monotonic() + 5
+    while gauge(server, "qwen_vl_images_total") == before["qwen_vl_images_total"]:
+        assert time.monotonic() < deadline, "the engine's counts never reached /metrics"
+        time.sleep(0.05)
+    after = {name: gauge(server, name) for name in before}
+    assert after["qwen_vl_images_total"] == before["qwen_vl_images_total"] + 1
+    assert (
+        after["qwen_vl_generated_tokens_total"] - before["qwen_vl_generated_tokens_total"]
+        == outputs["generated_tokens"][0]
+    )
+    assert after["qwen_vl_batch_size_count"] > before["qwen_vl_batch_size_count"]
+    assert (
+        after["qwen_vl_time_to_first_token_seconds_count"]
+        == before["qwen_vl_time_to_first_token_seconds_count"] + 1
+    )
+
+
 def test_streamed_deltas_join_to_the_plain_answer(server: LiveServer) -> None:
     picture = images.jpeg((96, 72), (200, 40, 40))
     plain = httpx.post(
