@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from predictor.errors import EngineUnavailable, QueueFull
+from predictor.errors import Unavailable
 from predictor.openai.protocol import error_body
 
 Scope = dict[str, Any]
@@ -26,15 +26,24 @@ _CHAT = ("/openai/v1/chat/completions", "/v1/chat/completions")
 
 
 class AdmissionMiddleware:
-    """503 with Retry-After for inference POSTs while `admit()` raises `QueueFull` (or
-    `EngineUnavailable`: the engine process died and the pod is about to be restarted)."""
+    """503 with Retry-After for inference POSTs while `admit()` raises `Unavailable`: the
+    queue is full, the engine process died, or the server is draining."""
 
-    def __init__(self, app: ASGIApp, admit: Callable[[], None], model_name: str):
+    def __init__(
+        self,
+        app: ASGIApp,
+        admit: Callable[[], None],
+        model_name: str,
+        draining: Callable[[], bool] = lambda: False,
+    ):
         self.app = app
         self.admit = admit
         self.model_name = model_name
+        self.draining = draining
 
     async def __call__(self, scope: Scope, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http" and self.draining():
+            send = _closing(send)  # keep-alive clients reconnect elsewhere (predictor.drain)
         if scope["type"] == "http" and scope["method"] == "POST":
             path = scope["path"]
             chat = path in _CHAT
@@ -42,16 +51,29 @@ class AdmissionMiddleware:
             if chat or (v2 and v2["name"] == self.model_name):
                 try:
                     self.admit()
-                except (QueueFull, EngineUnavailable) as refusal:
+                except Unavailable as refusal:
                     await _refuse(send, refusal, chat)
                     return
         await self.app(scope, receive, send)
 
 
-async def _refuse(send: Callable, full: QueueFull | EngineUnavailable, chat: bool) -> None:
-    message = str(full)
-    code = "queue_full" if isinstance(full, QueueFull) else "engine_unavailable"
-    body = error_body(message, "server_overloaded", None, code) if chat else {"error": message}
+def _closing(send: Callable) -> Callable:
+    """`send` with `Connection: close` on the response, so the connection ends after it."""
+
+    async def send_closing(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"connection"]
+            message = {**message, "headers": [*headers, (b"connection", b"close")]}
+        await send(message)
+
+    return send_closing
+
+
+async def _refuse(send: Callable, refusal: Unavailable, chat: bool) -> None:
+    message = str(refusal)
+    body = (
+        error_body(message, "server_overloaded", None, refusal.code) if chat else {"error": message}
+    )
     payload = orjson.dumps(body)
     await send(
         {
@@ -60,7 +82,7 @@ async def _refuse(send: Callable, full: QueueFull | EngineUnavailable, chat: boo
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(payload)).encode()),
-                (b"retry-after", str(full.retry_after_s).encode()),
+                (b"retry-after", str(refusal.retry_after_s).encode()),
                 (b"connection", b"close"),
             ],
         }

@@ -53,7 +53,7 @@ import torch
 
 from predictor import metrics
 from predictor.decoding import RunningBatch, supports_continuous_batching
-from predictor.errors import DeadlineExceeded, QueueFull
+from predictor.errors import DeadlineExceeded, QueueFull, Unavailable
 from predictor.generation import Generator, Row
 from predictor.protocol import Completion
 
@@ -152,6 +152,8 @@ class Engine:
         # Called with (running rows, waiting requests, running requests) whenever they change
         # (with the engine's lock held: keep it short); the engine process reports load so.
         self.on_load: Callable[[int, int, int], None] | None = None
+        self._refusal: Callable[[], Unavailable] | None = None  # new work refused (draining)
+        self._closed: Callable[[], Unavailable] | None = None  # everything refused and ended
         self._thread = threading.Thread(target=self._work, name="qwen-vl-engine", daemon=True)
         self._thread.start()
 
@@ -200,6 +202,8 @@ class Engine:
 
     def _refuse_if_full(self) -> None:
         """Called with the lock held."""
+        if self._refusal is not None:
+            raise self._refusal()
         pending = self._pending()
         if pending >= self._capacity():
             metrics.REJECTED.labels(self.model_name).inc()
@@ -222,6 +226,8 @@ class Engine:
         """Queue a request's rows. One `admitted` earlier (it holds a reservation, counted in
         `_pending`) is not refused now; any other must fit the capacity."""
         with self._lock:
+            if self._closed is not None:
+                raise self._closed()
             if not admitted:
                 self._refuse_if_full()
             self._group += 1
@@ -232,6 +238,39 @@ class Engine:
             self._publish_load()
             self._lock.notify()
         return request
+
+    # ---- drain (predictor.drain) --------------------------------------------------------
+
+    def refuse_new(self, error: Callable[[], Unavailable]) -> None:
+        """Refuse requests not yet admitted with `error()`; admitted ones still run."""
+        with self._lock:
+            self._refusal = error
+
+    def close(self, error: Callable[[], Unavailable]) -> int:
+        """End every request the engine holds with `error()` and refuse all later ones;
+        how many were ended. Running rows stop at their next token."""
+        with self._lock:
+            self._closed = self._refusal = error
+            held = self._waiting | self._running
+            for request in held:
+                request.abandoned = True
+            self._queue.clear()
+            self._waiting.clear()
+            self._publish_load()
+        ended = 0
+        for request in held:
+            try:
+                request.future.set_exception(error())
+                ended += 1
+            except InvalidStateError:
+                pass  # it finished meanwhile
+        return ended
+
+    @property
+    def busy(self) -> bool:
+        """Whether any admitted request has not finished (decoding, queued or running)."""
+        with self._lock:
+            return bool(self._reserved or self._queue or self._waiting or self._running)
 
     def put(self, rows: list[Row], arrived: float) -> _Request:
         """Queue an already admitted request without waiting for it (the engine process's

@@ -30,7 +30,13 @@ import torch.multiprocessing as torch_mp  # registers shared-memory reductions f
 
 from predictor import engine_core, metrics
 from predictor.engine import EngineConfig
-from predictor.errors import DeadlineExceeded, EngineUnavailable, QueueFull, StartupError
+from predictor.errors import (
+    DeadlineExceeded,
+    EngineUnavailable,
+    QueueFull,
+    StartupError,
+    Unavailable,
+)
 from predictor.generation import Row
 from predictor.protocol import Completion
 from predictor.settings import Settings
@@ -86,6 +92,8 @@ class RemoteEngine:
         self._running_rows = 0
         self._running_requests = 0
         self._stopping = False
+        self._refusal: Callable[[], Unavailable] | None = None  # new work refused (draining)
+        self._closed: Callable[[], Unavailable] | None = None  # everything refused and ended
         context = torch_mp.get_context("spawn")
         self._connection, child_end = context.Pipe(duplex=True)
         self.process = context.Process(
@@ -143,6 +151,8 @@ class RemoteEngine:
         """Called with the lock held."""
         if not self.alive:
             raise EngineUnavailable()
+        if self._refusal is not None:
+            raise self._refusal()
         pending = self._reserved + max(0, len(self._pending) - self._running_requests)
         free_slots = max(0, self.config.max_batch_size - self._running_rows)
         if pending >= self.config.max_queue_size + free_slots:
@@ -167,6 +177,8 @@ class RemoteEngine:
             with self._lock:
                 if not self.alive:
                     raise EngineUnavailable()
+                if self._closed is not None:
+                    raise self._closed()
                 if reservation is None:
                     self._refuse_if_full()
                 request_id = next(self._ids)
@@ -270,6 +282,33 @@ class RemoteEngine:
         metrics.REQUESTS_WAITING.labels(self.model_name).set(0)
         if not stopping and self.on_death is not None:
             self.on_death(detail)
+
+    # ---- drain (predictor.drain) --------------------------------------------------------
+
+    def refuse_new(self, error: Callable[[], Unavailable]) -> None:
+        """Refuse requests not yet admitted with `error()`; admitted ones still run."""
+        with self._lock:
+            self._refusal = error
+
+    def close(self, error: Callable[[], Unavailable]) -> int:
+        """End every request sent to the core with `error()` (the core drops their rows) and
+        refuse all later ones; how many were ended."""
+        with self._lock:
+            self._closed = self._refusal = error
+            held = list(self._pending.items())
+            self._pending.clear()
+        for request_id, pending in held:
+            pending.loop.call_soon_threadsafe(_resolve, pending.future, None, error())
+            if self.alive:
+                with contextlib.suppress(OSError):
+                    self._send("abort", request_id)
+        return len(held)
+
+    @property
+    def busy(self) -> bool:
+        """Whether any admitted request has not finished (decoding, or sent to the core)."""
+        with self._lock:
+            return bool(self._reserved or self._pending)
 
     # ---- lifecycle --------------------------------------------------------------------
 

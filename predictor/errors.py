@@ -26,16 +26,38 @@ class StartupError(RuntimeError):
     """The server cannot start with these settings (missing model, package or device)."""
 
 
-class QueueFull(ServerNotReady):
-    """The queue is full: refuse now (503 + Retry-After, gRPC UNAVAILABLE), never time out."""
+class Unavailable(ServerNotReady):
+    """Refused for now by this replica (HTTP 503 + Retry-After, gRPC UNAVAILABLE); the client
+    may retry here later or on another replica. `code` names the reason on the OpenAI route."""
 
-    def __init__(self, waiting: int):
+    code = "unavailable"
+
+    def __init__(self, message: str):
         super().__init__()
         # KServe's gRPC interceptor reads `reason`, its REST handler `str()`: set both.
-        self.error_msg = self.reason = (
+        self.error_msg = self.reason = message
+        self.retry_after_s = RETRY_AFTER_S
+
+
+class QueueFull(Unavailable):
+    """The queue is full: refuse now, never time out."""
+
+    code = "queue_full"
+
+    def __init__(self, waiting: int):
+        super().__init__(
             f"server overloaded: {waiting} requests waiting; retry after {RETRY_AFTER_S} s"
         )
-        self.retry_after_s = RETRY_AFTER_S
+
+
+class ShuttingDown(Unavailable):
+    """The server is draining before it exits: new work is refused, and work still running
+    when `--drain_timeout_s` runs out is ended with this error."""
+
+    code = "shutting_down"
+
+    def __init__(self) -> None:
+        super().__init__(f"server shutting down; retry after {RETRY_AFTER_S} s")
 
 
 class DeadlineExceeded(GrpcException):
@@ -48,11 +70,11 @@ class DeadlineExceeded(GrpcException):
         self.reason = self.details
 
 
-class EngineUnavailable(ServerNotReady):
-    """The engine process is gone: requests it held, and new ones, fail at once (503, gRPC
-    UNAVAILABLE) while the server reports itself not ready and not live."""
+class EngineUnavailable(Unavailable):
+    """The engine process is gone: requests it held, and new ones, fail at once while the
+    server reports itself not ready and not live."""
+
+    code = "engine_unavailable"
 
     def __init__(self, detail: str = "the engine process exited"):
-        super().__init__()
-        self.error_msg = self.reason = f"model engine unavailable: {detail}"
-        self.retry_after_s = RETRY_AFTER_S  # another replica may answer meanwhile
+        super().__init__(f"model engine unavailable: {detail}")

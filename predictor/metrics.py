@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from kserve.errors import InvalidInput
 from prometheus_client import Counter, Gauge, Histogram
 
-from predictor.errors import DeadlineExceeded, QueueFull
+from predictor.errors import DeadlineExceeded, Unavailable
 
 PREFIX = "qwen_vl"
 LABELS = ("model_name",)
@@ -22,8 +22,8 @@ OUTCOMES = ("success", "invalid", "rejected", "timeout", "cancelled", "error")
 
 REQUESTS = Counter(
     f"{PREFIX}_requests",
-    "Inference requests finished, by outcome: success, invalid (400), rejected (queue full, "
-    "503), timeout (504), cancelled (client went away), error (500).",
+    "Inference requests finished, by outcome: success, invalid (400), rejected (503: queue "
+    "full, draining, or engine gone), timeout (504), cancelled (client went away), error (500).",
     (*LABELS, "outcome"),
 )
 IMAGES = Counter(f"{PREFIX}_images", "Images described.", LABELS)
@@ -110,7 +110,7 @@ def outcome_of(error: BaseException | None) -> str:
         return "success"
     for kind, outcome in (
         (InvalidInput, "invalid"),
-        (QueueFull, "rejected"),
+        (Unavailable, "rejected"),
         (DeadlineExceeded, "timeout"),
         (asyncio.CancelledError, "cancelled"),
     ):
@@ -139,6 +139,6 @@ def counted_rejection(model_name: str) -> Iterator[None]:
     """Count a refusal that happens before a request reaches `counted` (REST admission)."""
     try:
         yield
-    except QueueFull as error:
+    except Unavailable as error:
         count_request(model_name, error)
         raise

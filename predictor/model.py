@@ -22,7 +22,7 @@ from kserve.protocol.infer_type import InferRequest, InferResponse
 from predictor import metrics
 from predictor.engine import Engine, EngineConfig, Reservation
 from predictor.engine_client import RemoteEngine
-from predictor.errors import InvalidRequest, StartupError
+from predictor.errors import InvalidRequest, ShuttingDown, StartupError
 from predictor.generation import Generator, Row
 from predictor.images import ImageLimits, PixelBudget, prepare_image
 from predictor.loading import load_model, load_processor
@@ -80,6 +80,7 @@ class QwenVLModel(Model):
         self.preprocessor: Generator | Preprocessor | None = None  # encodes rows for the engine
         self.engine: Engine | RemoteEngine | None = None
         self.engine_failed: str | None = None  # why the engine process died, if it did
+        self.draining = False  # set by predictor.drain on SIGTERM / SIGINT
         self.loaded_at = 0.0  # time.time() when the model became ready
         self.limits: RequestLimits | None = None
         metrics.touch(self.name)
@@ -156,6 +157,22 @@ class QwenVLModel(Model):
         if self.engine is not None:
             self.engine.stop()
         super().stop()
+
+    # ---- drain (predictor.drain) --------------------------------------------------------
+
+    def begin_drain(self) -> None:
+        """Stop saying ready and refuse new requests; admitted ones run on."""
+        self.draining = True
+        self.ready = False
+        if self.engine is not None:
+            self.engine.refuse_new(ShuttingDown)
+
+    def busy(self) -> bool:
+        return self.engine is not None and self.engine.busy
+
+    def end_remaining(self) -> int:
+        """The drain ran out of time: end what is left with a 503 (Retry-After)."""
+        return self.engine.close(ShuttingDown) if self.engine is not None else 0
 
     def get_input_types(self) -> list[dict[str, Any]]:
         return INPUT_METADATA

@@ -24,7 +24,7 @@ from kserve.errors import ModelNotReady
 from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.infer_type import InferInput, InferRequest, RequestedOutput
 
-from predictor.errors import DeadlineExceeded, InvalidRequest, QueueFull
+from predictor.errors import DeadlineExceeded, InvalidRequest, Unavailable
 from predictor.protocol import deserialize_bytes
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -177,7 +177,7 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T | Resp
         watcher.cancel()
 
 
-async def queue_full_handler(_: Request, exc: QueueFull) -> JSONResponse:
+async def unavailable_handler(_: Request, exc: Unavailable) -> JSONResponse:
     return JSONResponse(
         status_code=503,
         content={"error": str(exc)},
@@ -225,5 +225,5 @@ def register_infer_routes(app: FastAPI, dataplane: DataPlane, max_body_bytes: in
         "/v2/models/{model_name}/versions/{model_version}/infer",
     ):
         app.add_api_route(path, infer, methods=["POST"], response_model=None)
-    app.add_exception_handler(QueueFull, queue_full_handler)
+    app.add_exception_handler(Unavailable, unavailable_handler)
     app.add_exception_handler(DeadlineExceeded, deadline_handler)

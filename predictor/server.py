@@ -78,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from kserve import model_server as kserve_server
 
     from predictor.admission import AdmissionMiddleware
+    from predictor.drain import Drain
     from predictor.model import QwenVLModel
     from predictor.openai.image_urls import RemotePolicy
     from predictor.openai.router import register_openai_routes
@@ -122,7 +123,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         event_loop=args.event_loop,
         timeout_keep_alive=args.timeout_keep_alive,
     )
-    kserve_server.app.add_middleware(AdmissionMiddleware, admit=model.admit, model_name=model.name)
+    kserve_server.app.add_middleware(
+        AdmissionMiddleware,
+        admit=model.admit,
+        model_name=model.name,
+        draining=lambda: model.draining,
+    )
     register_infer_routes(kserve_server.app, server.dataplane, request_bytes_limit(settings))
     remote = RemotePolicy(
         allowed=settings.allow_remote_images,
@@ -139,6 +145,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # Everything built so far (the model, transformers, KServe, FastAPI: about half a million
     # objects) lives as long as the process; frozen, the garbage collector's full passes,
     # which would otherwise walk all of them and stall a request for ~0.1 s, skip them.
+    Drain(server, model, settings.drain_timeout_s).install(kserve_server.app)
     gc.collect()
     gc.freeze()
     server.start([model])

@@ -59,6 +59,9 @@ class Settings:
     batch_wait_ms: float = 0.0
     max_queue_size: int = 64
     request_timeout_s: float = 300.0
+    # Sized for the manifests: terminationGracePeriodSeconds 120 s, minus the 15 s preStop
+    # sleep, minus time to stop the servers and the engine process.
+    drain_timeout_s: float = 90.0
     enable_ui: bool = True
 
     @classmethod
@@ -90,6 +93,8 @@ class Settings:
             raise ValueError("--cpu_threads must be 0 (automatic) or more")
         if self.batch_wait_ms < 0 or self.request_timeout_s <= 0:
             raise ValueError("--batch_wait_ms must be >= 0 and --request_timeout_s > 0")
+        if self.drain_timeout_s < 0:
+            raise ValueError("--drain_timeout_s must be >= 0")
         if self.remote_image_timeout_s <= 0:
             raise ValueError("--remote_image_timeout_s must be positive")
         if not self.model_name:
@@ -238,6 +243,14 @@ def build_parser(parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.Ar
         type=float,
         default=_env("request_timeout_s", d.request_timeout_s, float),
         help="a request's total time limit (504 / DEADLINE_EXCEEDED past it)",
+    )
+    engine.add_argument(
+        "--drain_timeout_s",
+        type=float,
+        default=_env("drain_timeout_s", d.drain_timeout_s, float),
+        help="on SIGTERM/SIGINT, how long requests already accepted may run on before they "
+        "end with 503 (see predictor.drain); fits the manifests' "
+        "terminationGracePeriodSeconds of 120 s after their 15 s preStop sleep",
     )
 
     openai = parser.add_argument_group("OpenAI chat completions")

@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from predictor import metrics
-from predictor.errors import DeadlineExceeded, InvalidRequest, QueueFull
+from predictor.errors import DeadlineExceeded, InvalidRequest, Unavailable
 from predictor.openai.protocol import error_body
 from predictor.openai.serving import ChatCall, ChatService, UnknownModel, parse_request
 from predictor.rest import cancel_on_disconnect
@@ -36,8 +36,8 @@ def error_response(error: BaseException) -> JSONResponse:
     if isinstance(error, UnknownModel):
         body = error_body(str(error), "invalid_request_error", "model", "model_not_found")
         return JSONResponse(body, status_code=404)
-    if isinstance(error, QueueFull):
-        body = error_body(str(error), "server_overloaded", None, "queue_full")
+    if isinstance(error, Unavailable):
+        body = error_body(str(error), "server_overloaded", None, error.code)
         return JSONResponse(
             body, status_code=503, headers={"Retry-After": str(error.retry_after_s)}
         )
@@ -80,7 +80,7 @@ def register_openai_routes(app: FastAPI, service: ChatService) -> None:
             return error_response(exc)
         try:
             reservation = service.admit()
-        except QueueFull as exc:
+        except Unavailable as exc:
             metrics.count_request(service.model_name, exc)
             return error_response(exc)
         try:
