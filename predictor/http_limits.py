@@ -12,8 +12,14 @@ request path:
   opening (or of the request's first byte, on a kept-alive connection): 408, closed (a
   connection that sent nothing at all is just closed);
 - the body not all in within `--http_body_timeout_s` of its headers: 408 if no response has
-  started, and the connection closed; the application sees a client that left
-  (`predictor.logs` logs it as one line, flagged with the deadline, not as an error).
+  started, and the connection closed;
+- more body bytes than the largest valid request (`max_body_bytes`, from the image limits):
+  413, closed, before more is buffered (a declared Content-Length over it gets the v2 route's
+  400 naming the body before any of it is read).
+
+When a body is cut, the application sees a client that left; the reason is left in the ASGI
+scope's state (`CLOSED_STATE`) so that `predictor.logs` logs it as one WARNING line with the
+status, not as a client that left.
 """
 
 from __future__ import annotations
@@ -27,8 +33,9 @@ import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 logger = logging.getLogger("predictor.http")
-# Set in the ASGI scope's state when the body deadline closed the connection.
-BODY_DEADLINE_STATE = "qwen_vl_body_deadline_s"
+HEADERS_TOO_LARGE = (431, "request header fields too large")
+# In the ASGI scope's state when this protocol cut the request's body: "408 ..." / "413 ...".
+CLOSED_STATE = "qwen_vl_closed_by_server"
 
 
 @dataclass(frozen=True)
@@ -36,10 +43,11 @@ class ClientLimits:
     max_header_bytes: int = 64 * 1024
     header_timeout_s: float = 10.0
     body_timeout_s: float = 60.0
+    max_body_bytes: int | None = None  # None: no limit here
 
 
-class HeadersTooLarge(Exception):
-    """Raised inside a parser callback to stop parsing a request whose headers are too big."""
+class Refused(Exception):
+    """Raised inside a parser callback to stop parsing a request that is over a limit."""
 
 
 def limited_protocol(limits: ClientLimits) -> type[HttpToolsProtocol]:
@@ -54,8 +62,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._header_bytes = 0
         self._received = False  # any byte of the current request
+        self._body_bytes = 0
         self._deadline: asyncio.TimerHandle | None = None
-        self._too_large = False
+        self._refusal: tuple[int, str] | None = None  # set by a callback that raised Refused
 
     # ---- deadlines --------------------------------------------------------------------
 
@@ -97,11 +106,16 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             if not self.transport.is_closing():
                 self.transport.close()
             return
-        cycle.scope["state"][BODY_DEADLINE_STATE] = self.limits.body_timeout_s
+        self._cut(408, f"request body not received within {self.limits.body_timeout_s:g} s")
+
+    def _cut(self, status: int, message: str) -> None:
+        """End a request whose headers the application already has."""
+        cycle = self.cycle
+        cycle.scope["state"][CLOSED_STATE] = f"{status} {message}"
         if cycle.response_started:
             self.transport.close()
         else:
-            self._refuse(408, "request body not received in time")
+            self._refuse(status, message)
 
     def _refuse(self, status: int, message: str) -> None:
         body = message.encode()
@@ -121,19 +135,22 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     # ---- parsing ------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        if self._too_large or self.transport.is_closing():
+        if self._refusal is not None or self.transport.is_closing():
             return
         self._unset_keepalive_if_required()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
-            if self._too_large:
+            if self._refusal == HEADERS_TOO_LARGE:
                 logger.warning(
                     "client %s: request headers over %d bytes; 431",
                     _peer(self.client),
                     self.limits.max_header_bytes,
                 )
-                self._refuse(431, "request header fields too large")
+                self._refuse(*HEADERS_TOO_LARGE)
+                return
+            if self._refusal is not None:
+                self._cut(*self._refusal)
                 return
             logger.warning("client %s: invalid HTTP request; 400", _peer(self.client))
             self._refuse(400, "invalid HTTP request")
@@ -153,8 +170,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def _count(self, size: int) -> None:
         self._header_bytes += size
         if self._header_bytes > self.limits.max_header_bytes:
-            self._too_large = True
-            raise HeadersTooLarge()
+            self._refusal = HEADERS_TOO_LARGE
+            raise Refused()
 
     def on_url(self, url: bytes) -> None:
         self._count(len(url))
@@ -166,7 +183,16 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._arm(self.limits.body_timeout_s, self._body_late)
+        self._body_bytes = 0
         super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        self._body_bytes += len(body)
+        limit = self.limits.max_body_bytes
+        if limit is not None and self._body_bytes > limit:
+            self._refusal = (413, f"request body over {limit} bytes")
+            raise Refused()
+        super().on_body(body)
 
     def on_message_complete(self) -> None:
         self._disarm()

@@ -40,7 +40,7 @@ from kserve.errors import (
 from starlette.requests import ClientDisconnect
 
 from predictor.errors import RepositoryDisabled
-from predictor.http_limits import BODY_DEADLINE_STATE
+from predictor.http_limits import CLOSED_STATE
 
 logger = logging.getLogger("predictor.requests")
 REQUEST_ID_HEADER = b"x-request-id"
@@ -146,13 +146,9 @@ class RequestLogMiddleware:
         )
 
     def _client_left(self, scope: Scope) -> None:
-        deadline = scope.get("state", {}).get(BODY_DEADLINE_STATE)
-        if deadline is not None:
-            logger.warning(
-                "%s: 408 request body not received within %g s; closed",
-                self._where(scope),
-                deadline,
-            )
+        cut = scope.get("state", {}).get(CLOSED_STATE)  # the server cut the body, see
+        if cut is not None:  # predictor.http_limits: a refusal, not a client that left
+            logger.warning("%s: %s; closed", self._where(scope), cut)
         else:
             logger.info("%s: client left before the answer", self._where(scope))
 

@@ -38,6 +38,7 @@ from kserve.protocol.grpc.interceptors import LoggingInterceptor
 from kserve.protocol.grpc.server import GRPCServer
 from kserve.protocol.grpc.servicer import InferenceServicer
 from kserve.protocol.rest.server import RESTServer
+from timing_asgi import TimingMiddleware
 
 from predictor.health import GuardedRepository, HealthDataPlane
 from predictor.http_limits import ClientLimits, limited_protocol
@@ -110,6 +111,17 @@ class LimitedRESTServer(RESTServer):
         super()._add_exception_handlers(app)
         install_quiet_exception_handlers(app)
 
+    def _add_middlewares(self, app: Any) -> None:
+        """KServe's, with its timing log's metric names escaped: they are built from the
+        request path, and a path with an encoded newline would forge a log line."""
+        super()._add_middlewares(app)
+        for middleware in app.user_middleware:
+            if middleware.cls is TimingMiddleware:
+                namer = middleware.kwargs["metric_namer"]
+                middleware.kwargs["metric_namer"] = lambda scope, namer=namer: one_line(
+                    namer(scope)
+                )
+
 
 class QuietGRPCServer(GRPCServer):
     """KServe's gRPC server (its `start`, unchanged but for interceptors and options)."""
@@ -149,6 +161,8 @@ def install(kserve_model_server: Any, limits: ClientLimits) -> None:
 def harden(server: Any, kserve_model_server: Any, model: Any, settings: Settings) -> None:
     """Everything `predictor.health`, `predictor.http_limits` and `predictor.logs` change in
     a `kserve.ModelServer` that is built but not started (call before adding routes)."""
+    from predictor.server import request_bytes_limit  # the largest valid request
+
     enabled = settings.enable_model_repository
     registry = server.registered_models
     server.dataplane = HealthDataPlane(registry, [model], repository_enabled=enabled)
@@ -157,6 +171,7 @@ def harden(server: Any, kserve_model_server: Any, model: Any, settings: Settings
         max_header_bytes=settings.http_max_header_bytes,
         header_timeout_s=settings.http_header_timeout_s,
         body_timeout_s=settings.http_body_timeout_s,
+        max_body_bytes=request_bytes_limit(settings),
     )
     install(kserve_model_server, limits)
     # Added last, so it runs first: it also sees the admission middleware's 503s.

@@ -28,6 +28,8 @@ pytestmark = pytest.mark.slow
 HEADER_TIMEOUT_S = 1.5
 BODY_TIMEOUT_S = 1.5
 SLACK_S = 1.0  # scheduling on shared CPUs
+MAX_IMAGE_BYTES = 100_000
+MAX_BODY_BYTES = 2 * MAX_IMAGE_BYTES * 4 // 3 + 1024 * 1024  # predictor.server's formula
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +38,8 @@ def server(tiny_qwen3_vl: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     args = (
         "--http_header_timeout_s", str(HEADER_TIMEOUT_S),
         "--http_body_timeout_s", str(BODY_TIMEOUT_S),
+        "--max_images_per_request", "2",
+        "--max_image_bytes", str(MAX_IMAGE_BYTES),
     )  # fmt: skip
     with start_server(tiny_qwen3_vl, log, *args) as live:
         yield live
@@ -174,6 +178,39 @@ def test_a_slow_body_is_cut_at_the_deadline(server: LiveServer) -> None:
         pass
     assert read_until_closed(sock).startswith(b"HTTP/1.1 408 ")
     assert time.perf_counter() - started < BODY_TIMEOUT_S + SLACK_S
+
+
+def test_a_body_over_the_largest_valid_request_is_cut_with_413(server: LiveServer) -> None:
+    """Chunked, so no Content-Length announces it: counted as it arrives."""
+
+    def chunks() -> Iterator[bytes]:
+        yield b'{"model": "qwen-vl", "messages": [{"role": "user", "content": "'
+        for _ in range(MAX_BODY_BYTES // 65536 + 2):
+            yield b"x" * 65536
+
+    try:
+        response = httpx.post(
+            f"{server.url}/v1/chat/completions",
+            content=chunks(),
+            headers={"X-Request-Id": "too-big-1", "Content-Type": "application/json"},
+        )
+        assert response.status_code == 413
+    except httpx.TransportError:  # closed while still sending: the 413 may be lost
+        pass
+    time.sleep(0.3)
+    (line,) = log_lines(server, "too-big-1")
+    assert f"413 request body over {MAX_BODY_BYTES} bytes; closed" in line
+
+
+def test_a_declared_length_over_the_limit_is_refused_before_the_body(server: LiveServer) -> None:
+    sock = connect(server)
+    sock.sendall(
+        b"POST /v2/models/qwen-vl/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % (MAX_BODY_BYTES + 1)
+    )
+    answer = read_until_closed(sock)  # the answer, then a close at the body deadline
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"request body" in answer
 
 
 # ---- logs ----------------------------------------------------------------------------------
