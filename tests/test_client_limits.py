@@ -284,6 +284,22 @@ def test_grpc_refusals_are_one_warning_line(
     assert "Traceback" not in server.log()
 
 
+def test_a_grpc_call_past_its_deadline_is_one_info_line(
+    server: LiveServer, stub: GRPCInferenceServiceStub
+) -> None:
+    tensor = pb.ModelInferRequest.InferInputTensor(name="image", datatype="BYTES", shape=[1])
+    tensor.contents.bytes_contents.append(images.jpeg())
+    request = pb.ModelInferRequest(model_name="qwen-vl", id="grpc-gone-5", inputs=[tensor])
+    request.parameters["max_new_tokens"].int64_param = 1000
+    with pytest.raises(grpc.RpcError) as error:
+        stub.ModelInfer(request, timeout=0.3)
+    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    time.sleep(0.5)
+    (line,) = log_lines(server, "grpc-gone-5")
+    assert " INFO " in line and "cancelled (the client left or its deadline passed)" in line
+    assert "Traceback" not in server.log()
+
+
 # ---- the model repository, off by default ---------------------------------------------------
 
 
