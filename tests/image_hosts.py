@@ -81,6 +81,16 @@ class _Recording(ThreadingHTTPServer):
         return True
 
 
+def ipv6_loopback() -> list[str]:
+    """["::1"] where the machine has IPv6 loopback (some containers do not), else []."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return []
+    return ["::1"]
+
+
 @contextmanager
 def serve(addresses: list[str], routes: dict[str, Route]) -> Iterator[list[Host]]:
     """One server per address, all on the same port, sharing `routes`."""

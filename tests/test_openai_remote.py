@@ -25,7 +25,7 @@ import pytest
 from predictor.addresses import AddressPolicy
 from predictor.errors import InvalidRequest
 from predictor.openai.image_urls import RemotePolicy, fetch_image_url
-from tests.image_hosts import JPEG, Host, send, serve, trickle
+from tests.image_hosts import JPEG, Host, ipv6_loopback, send, serve, trickle
 from tests.live_server import LiveServer, start_server
 
 MAX_IMAGE_BYTES = 200_000
@@ -36,8 +36,10 @@ FIELD = "messages.0.content.0.image_url.url"
 
 @pytest.fixture(scope="module")
 def internal() -> Iterator[list[Host]]:
-    """What remote URLs must never reach: a service on 127.0.0.1 and [::1], same port."""
-    with serve(["127.0.0.1", "::1"], {"/cat.jpg": lambda h: send(h, 200, JPEG)}) as hosts:
+    """What remote URLs must never reach: a service on 127.0.0.1 and [::1] (where the machine
+    has IPv6), on one port."""
+    routes = {"/cat.jpg": lambda h: send(h, 200, JPEG)}
+    with serve(["127.0.0.1", *ipv6_loopback()], routes) as hosts:
         yield hosts
 
 
@@ -45,19 +47,19 @@ def internal() -> Iterator[list[Host]]:
 def no_connection_to_internal(internal: list[Host]) -> Iterator[None]:
     """Every test here must leave the internal service untouched."""
     yield
-    assert [host.connections for host in internal] == [[], []]
+    assert [host.connections for host in internal] == [[] for _ in internal]
 
 
 @pytest.fixture(scope="module")
 def image_host(internal: list[Host]) -> Iterator[Host]:
-    v4, v6 = internal
+    port = internal[0].port
     routes = {
         "/cat.jpg": lambda h: send(h, 200, JPEG),
         "/huge.jpg": lambda h: send(h, 200, b"\xff" * (MAX_IMAGE_BYTES + 1)),
         "/moved.jpg": lambda h: send(h, 302, b"", Location="/cat.jpg"),
         "/loop.jpg": lambda h: send(h, 302, b"", Location="/loop.jpg"),
-        "/to-internal.jpg": lambda h: send(h, 302, b"", Location=f"{v4.url}/cat.jpg"),
-        "/to-internal-v6.jpg": lambda h: send(h, 307, b"", Location=f"{v6.url}/cat.jpg"),
+        "/to-internal.jpg": lambda h: send(h, 302, b"", Location=f"http://127.0.0.1:{port}/"),
+        "/to-internal-v6.jpg": lambda h: send(h, 307, b"", Location=f"http://[::1]:{port}/"),
         "/to-file.jpg": lambda h: send(h, 302, b"", Location="file:///etc/passwd"),
         "/trickle.jpg": trickle,
     }
