@@ -78,3 +78,20 @@ class EngineUnavailable(Unavailable):
 
     def __init__(self, detail: str = "the engine process exited"):
         super().__init__(f"model engine unavailable: {detail}")
+
+
+class RepositoryDisabled(GrpcException):
+    """A model repository call while `--enable_model_repository` is off (HTTP 403, gRPC
+    PERMISSION_DENIED): without it, anyone who reaches the port could unload the model."""
+
+    status_code = StatusCode.PERMISSION_DENIED
+
+    def __init__(self) -> None:
+        super().__init__(
+            details="the model repository endpoints are disabled on this server "
+            "(--enable_model_repository)"
+        )
+        self.reason = self.details
+
+    def __str__(self) -> str:
+        return self.details

@@ -83,6 +83,7 @@ class QwenVLModel(Model):
         self.draining = False  # set by predictor.drain on SIGTERM / SIGINT
         self.loaded_at = 0.0  # time.time() when the model became ready
         self.limits: RequestLimits | None = None
+        self._stopped = False
         metrics.touch(self.name)
 
     def load(self) -> bool:
@@ -154,9 +155,23 @@ class QwenVLModel(Model):
         )
 
     def stop(self) -> None:
+        self._stopped = True
         if self.engine is not None:
             self.engine.stop()
         super().stop()
+
+    @property
+    def alive(self) -> bool:
+        """Whether this process can still serve the model: the liveness probe's answer
+        (`predictor.health`). False once the model was stopped (unloaded through the
+        repository API, or at shutdown) or its engine process died: nothing in the process
+        builds either again, so only a restart brings it back. Anything else that makes the
+        model unrecoverable belongs here."""
+        return not self._stopped and self.engine_failed is None
+
+    async def healthy(self) -> bool:
+        """KServe's per-model readiness: loaded, and still alive."""
+        return self.ready and self.alive
 
     # ---- drain (predictor.drain) --------------------------------------------------------
 

@@ -77,6 +77,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from kserve import ModelServer
     from kserve import model_server as kserve_server
 
+    from predictor.addresses import AddressPolicy
     from predictor.admission import AdmissionMiddleware
     from predictor.drain import Drain
     from predictor.model import QwenVLModel
@@ -84,6 +85,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from predictor.openai.router import register_openai_routes
     from predictor.openai.serving import ChatService
     from predictor.rest import register_infer_routes
+    from predictor.servers import harden
     from predictor.ui.routes import page_config, register_ui_routes
 
     parser = build_parser(parents=[kserve_server.parser])
@@ -129,12 +131,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         model_name=model.name,
         draining=lambda: model.draining,
     )
+    harden(server, kserve_server, model, settings)
     register_infer_routes(kserve_server.app, server.dataplane, request_bytes_limit(settings))
     remote = RemotePolicy(
         allowed=settings.allow_remote_images,
         hosts=settings.remote_image_hosts,
         timeout_s=settings.remote_image_timeout_s,
         max_bytes=settings.max_image_bytes,
+        addresses=AddressPolicy.from_strings(settings.remote_image_allow_networks),
+        max_redirects=settings.remote_image_max_redirects,
     )
     chat = ChatService(model, settings.served_model_aliases, remote)
     register_openai_routes(kserve_server.app, chat)

@@ -12,6 +12,7 @@ Nothing here runs at import: `build_parser()` and `Settings.from_args()` are cal
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
@@ -55,6 +56,12 @@ class Settings:
     allow_remote_images: bool = False
     remote_image_hosts: tuple[str, ...] = ()
     remote_image_timeout_s: float = 10.0
+    remote_image_allow_networks: tuple[str, ...] = ()
+    remote_image_max_redirects: int = 0
+    enable_model_repository: bool = False
+    http_max_header_bytes: int = 64 * 1024
+    http_header_timeout_s: float = 10.0
+    http_body_timeout_s: float = 60.0
     max_batch_size: int = 16
     batch_wait_ms: float = 0.0
     max_queue_size: int = 64
@@ -97,6 +104,19 @@ class Settings:
             raise ValueError("--drain_timeout_s must be >= 0")
         if self.remote_image_timeout_s <= 0:
             raise ValueError("--remote_image_timeout_s must be positive")
+        if self.remote_image_max_redirects < 0:
+            raise ValueError("--remote_image_max_redirects must be 0 (not followed) or more")
+        for network in self.remote_image_allow_networks:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"--remote_image_allow_networks: {network!r} is not an address or CIDR network"
+                ) from None
+        if self.http_max_header_bytes < 1024:
+            raise ValueError("--http_max_header_bytes must be at least 1024")
+        if self.http_header_timeout_s <= 0 or self.http_body_timeout_s <= 0:
+            raise ValueError("--http_header_timeout_s and --http_body_timeout_s must be positive")
         if not self.model_name:
             raise ValueError("--model_name must not be empty")
 
@@ -277,7 +297,54 @@ def build_parser(parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.Ar
         "--remote_image_timeout_s",
         type=float,
         default=_env("remote_image_timeout_s", d.remote_image_timeout_s, float),
-        help="time limit for fetching one remote image",
+        help="total time limit for fetching one remote image: resolving, connecting, every "
+        "redirect and the whole body",
+    )
+    openai.add_argument(
+        "--remote_image_allow_networks",
+        type=_names,
+        default=_env("remote_image_allow_networks", d.remote_image_allow_networks, _names),
+        help="comma-separated addresses or CIDR networks remote images may come from although "
+        "they are loopback, private, link-local or otherwise not public (an in-cluster image "
+        "store, say); empty: only public addresses",
+    )
+    openai.add_argument(
+        "--remote_image_max_redirects",
+        type=int,
+        default=_env("remote_image_max_redirects", d.remote_image_max_redirects, int),
+        help="redirects followed when fetching a remote image, each hop checked like the "
+        "first URL; 0: a redirect is refused",
+    )
+
+    security = parser.add_argument_group("security and client limits")
+    security.add_argument(
+        "--enable_model_repository",
+        type=_bool,
+        default=_env("enable_model_repository", d.enable_model_repository, _bool),
+        help="allow the model repository endpoints (REST /v2/repository/..., gRPC "
+        "RepositoryModelLoad/Unload); off: 403 / PERMISSION_DENIED, so that nobody who "
+        "reaches the port can unload the model",
+    )
+    security.add_argument(
+        "--http_max_header_bytes",
+        type=int,
+        default=_env("http_max_header_bytes", d.http_max_header_bytes, int),
+        help="total size of a REST request's line and headers; larger: 431",
+    )
+    security.add_argument(
+        "--http_header_timeout_s",
+        type=float,
+        default=_env("http_header_timeout_s", d.http_header_timeout_s, float),
+        help="time a REST client has to send a request's line and headers, from the "
+        "connection or the request's first byte; later: 408 and the connection closed (also "
+        "the gRPC server's handshake timeout)",
+    )
+    security.add_argument(
+        "--http_body_timeout_s",
+        type=float,
+        default=_env("http_body_timeout_s", d.http_body_timeout_s, float),
+        help="time a REST client has to send a request's whole body once its headers are in; "
+        "later: 408 and the connection closed",
     )
 
     ui = parser.add_argument_group("web playground")

@@ -97,3 +97,26 @@ def test_more_than_one_worker_is_refused(tiny_qwen3_vl: Path) -> None:
     done = run_predictor("--model_dir", str(tiny_qwen3_vl), "--workers", "2")
     assert done.returncode == 2
     assert "--workers must be 1" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--remote_image_allow_networks", "10.0.0.0/8,nonsense"], "not an address or CIDR"),
+        (["--remote_image_max_redirects", "-1"], "--remote_image_max_redirects"),
+        (["--http_max_header_bytes", "100"], "--http_max_header_bytes"),
+        (["--http_body_timeout_s", "0"], "--http_body_timeout_s"),
+    ],
+)
+def test_hardening_flags_are_checked(args: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Settings.from_args(build_parser().parse_args(args))
+
+
+def test_hardening_defaults_are_safe() -> None:
+    settings = Settings.from_args(build_parser().parse_args([]))
+    assert settings.enable_model_repository is False
+    assert settings.remote_image_allow_networks == ()
+    assert settings.remote_image_max_redirects == 0
+    assert (settings.http_max_header_bytes, settings.http_header_timeout_s) == (65536, 10.0)
+    assert settings.http_body_timeout_s == 60.0

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from kserve.errors import ModelNotReady
 from pydantic import ValidationError
 
 from predictor.engine import Reservation
@@ -84,6 +85,8 @@ class ChatService:
     def check_model(self, name: str) -> None:
         if name not in self.names:
             raise UnknownModel(name, self.names)
+        if not self.model.ready:  # unloaded through the repository API, or shutting down
+            raise ModelNotReady(self.model.name)
 
     def admit(self) -> Reservation:
         """A place in the engine's queue for the request about to be decoded (or 503)."""

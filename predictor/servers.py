@@ -1,0 +1,178 @@
+"""KServe's REST and gRPC servers with the predictor's limits, logging and health.
+
+Why subclasses: KServe's `ModelServer.start()` builds its `RESTServer` (the uvicorn config)
+and `GRPCServer` (the interceptors and channel options) itself, with no way to pass either.
+`install()` puts these subclasses where `ModelServer.start()` looks them up, so everything
+else of KServe's start-up (routes, signal handling, the model registry) stays KServe's:
+
+- REST: uvicorn runs `predictor.http_limits`' protocol (header size limit, header and body
+  deadlines), and KServe's logging exception handlers are replaced by quiet ones
+  (`predictor.logs`);
+- gRPC: KServe's exception interceptor, which logs a traceback for every rejected call,
+  becomes one that logs a refusal as one WARNING line (a traceback only for INTERNAL), and a
+  cancelled call as one INFO line; the HTTP/2 handshake must finish within the header deadline.
+  Metadata size keeps grpcio's own limits (8 KiB soft, 16 KiB hard: RESOURCE_EXHAUSTED).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent import futures
+from typing import Any
+
+from grpc import StatusCode, aio
+from grpc_interceptor import AsyncExceptionToStatusInterceptor
+from grpc_interceptor.exceptions import GrpcException
+from kserve.errors import (
+    InferenceError,
+    InvalidInput,
+    ModelNotFound,
+    ModelNotReady,
+    ServerNotLive,
+    ServerNotReady,
+    UnsupportedProtocol,
+)
+from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
+from kserve.protocol.grpc.interceptors import LoggingInterceptor
+from kserve.protocol.grpc.server import GRPCServer
+from kserve.protocol.grpc.servicer import InferenceServicer
+from kserve.protocol.rest.server import RESTServer
+from timing_asgi import TimingMiddleware
+
+from predictor.health import GuardedRepository, HealthDataPlane
+from predictor.http_limits import ClientLimits, limited_protocol
+from predictor.logs import RequestLogMiddleware, install_quiet_exception_handlers, one_line
+from predictor.settings import Settings
+
+logger = logging.getLogger(__name__)
+requests_logger = logging.getLogger("predictor.requests")  # one line per refused call
+
+# KServe's own mapping (kserve/protocol/grpc/interceptors.py), minus its logging.
+_GRPC_STATUSES: tuple[tuple[tuple[type[BaseException], ...], StatusCode], ...] = (
+    ((InferenceError, InvalidInput, UnsupportedProtocol), StatusCode.INVALID_ARGUMENT),
+    ((ServerNotReady, ServerNotLive, ModelNotReady), StatusCode.UNAVAILABLE),
+    ((NotImplementedError,), StatusCode.UNIMPLEMENTED),
+    ((ModelNotFound,), StatusCode.NOT_FOUND),
+)
+
+
+def grpc_status_of(error: BaseException) -> tuple[StatusCode, str] | None:
+    """The status and message a refused call gets (None: an unexpected failure)."""
+    if isinstance(error, GrpcException):
+        return error.status_code, error.details
+    for kinds, status in _GRPC_STATUSES:
+        if isinstance(error, kinds):
+            return status, getattr(error, "reason", None) or str(error)
+    return None
+
+
+def _where(request: Any, method_name: str) -> str:
+    request_id = getattr(request, "id", "") or "-"
+    model = getattr(request, "model_name", "") or getattr(request, "name", "") or "-"
+    return f"request {one_line(request_id)} model {one_line(model)} grpc {method_name}"
+
+
+class QuietExceptionToStatusInterceptor(AsyncExceptionToStatusInterceptor):
+    """Maps exceptions to gRPC statuses like KServe's, with one log line per refusal."""
+
+    async def intercept(self, method, request_or_iterator, context, method_name) -> Any:
+        try:
+            return await super().intercept(method, request_or_iterator, context, method_name)
+        except asyncio.CancelledError:
+            requests_logger.info(
+                "%s: cancelled (the client left or its deadline passed)",
+                _where(request_or_iterator, method_name),
+            )
+            raise
+
+    async def handle_exception(self, ex, request_or_iterator, context, method_name) -> Any:
+        where = _where(request_or_iterator, method_name)
+        refusal = grpc_status_of(ex)
+        if refusal is None:
+            requests_logger.error("%s: INTERNAL", where, exc_info=ex)
+            await context.abort(StatusCode.INTERNAL, "Internal server error")
+            raise ex  # abort() raises; not reached
+        status, message = refusal
+        requests_logger.warning("%s: %s %s", where, status.name, one_line(message))
+        await context.abort(status, message)
+
+
+class LimitedRESTServer(RESTServer):
+    """KServe's REST server on the limited uvicorn protocol, with quiet exception handlers."""
+
+    client_limits = ClientLimits()
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.config.http = limited_protocol(self.client_limits)
+
+    def _add_exception_handlers(self, app: Any) -> None:
+        super()._add_exception_handlers(app)
+        install_quiet_exception_handlers(app)
+
+    def _add_middlewares(self, app: Any) -> None:
+        """KServe's, with its timing log's metric names escaped: they are built from the
+        request path, and a path with an encoded newline would forge a log line."""
+        super()._add_middlewares(app)
+        for middleware in app.user_middleware:
+            if middleware.cls is TimingMiddleware:
+                namer = middleware.kwargs["metric_namer"]
+                middleware.kwargs["metric_namer"] = lambda scope, namer=namer: one_line(
+                    namer(scope)
+                )
+
+
+class QuietGRPCServer(GRPCServer):
+    """KServe's gRPC server (its `start`, unchanged but for interceptors and options)."""
+
+    handshake_timeout_s = 10.0
+
+    async def start(self, max_workers: int) -> None:
+        servicer = InferenceServicer(self._data_plane, self._model_repository_extension)
+        self._server = aio.server(
+            futures.ThreadPoolExecutor(max_workers=max_workers),
+            interceptors=(LoggingInterceptor(), QuietExceptionToStatusInterceptor()),
+            options=[
+                ("grpc.max_send_message_length", self._kwargs.get("grpc_max_send_message_length")),
+                (
+                    "grpc.max_receive_message_length",
+                    self._kwargs.get("grpc_max_receive_message_length"),
+                ),
+                ("grpc.server_handshake_timeout_ms", int(self.handshake_timeout_s * 1000)),
+            ],
+        )
+        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
+        listen_addr = f"[::]:{self._port}"
+        self._server.add_insecure_port(listen_addr)
+        logger.info("Starting gRPC server on %s with %d workers", listen_addr, max_workers)
+        await self._server.start()
+        await self._server.wait_for_termination()
+
+
+def install(kserve_model_server: Any, limits: ClientLimits) -> None:
+    """Make `kserve.model_server.ModelServer.start()` build these servers with `limits`."""
+    LimitedRESTServer.client_limits = limits
+    QuietGRPCServer.handshake_timeout_s = limits.header_timeout_s
+    kserve_model_server.RESTServer = LimitedRESTServer
+    kserve_model_server.GRPCServer = QuietGRPCServer
+
+
+def harden(server: Any, kserve_model_server: Any, model: Any, settings: Settings) -> None:
+    """Everything `predictor.health`, `predictor.http_limits` and `predictor.logs` change in
+    a `kserve.ModelServer` that is built but not started (call before adding routes)."""
+    from predictor.server import request_bytes_limit  # the largest valid request
+
+    enabled = settings.enable_model_repository
+    registry = server.registered_models
+    server.dataplane = HealthDataPlane(registry, [model], repository_enabled=enabled)
+    server.model_repository_extension = GuardedRepository(registry, [model], enabled=enabled)
+    limits = ClientLimits(
+        max_header_bytes=settings.http_max_header_bytes,
+        header_timeout_s=settings.http_header_timeout_s,
+        body_timeout_s=settings.http_body_timeout_s,
+        max_body_bytes=request_bytes_limit(settings),
+    )
+    install(kserve_model_server, limits)
+    # Added last, so it runs first: it also sees the admission middleware's 503s.
+    kserve_model_server.app.add_middleware(RequestLogMiddleware, model_name=model.name)
