@@ -78,11 +78,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     from kserve import model_server as kserve_server
 
     from predictor.admission import AdmissionMiddleware
+    from predictor.grpc_server import TritonGRPCServer
     from predictor.model import QwenVLModel
     from predictor.openai.image_urls import RemotePolicy
     from predictor.openai.router import register_openai_routes
     from predictor.openai.serving import ChatService
-    from predictor.rest import register_infer_routes
+    from predictor.rest import register_config_routes, register_infer_routes
 
     parser = build_parser(parents=[kserve_server.parser])
     args = parser.parse_args(argv)
@@ -123,6 +124,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     kserve_server.app.add_middleware(AdmissionMiddleware, admit=model.admit, model_name=model.name)
     register_infer_routes(kserve_server.app, server.dataplane, request_bytes_limit(settings))
+    register_config_routes(kserve_server.app, server.dataplane)
+    # KServe's gRPC server plus Triton's ModelConfig method (predictor.grpc_server).
+    kserve_server.GRPCServer = TritonGRPCServer
     remote = RemotePolicy(
         allowed=settings.allow_remote_images,
         hosts=settings.remote_image_hosts,

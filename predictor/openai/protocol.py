@@ -2,7 +2,13 @@
 
 Owned here rather than imported from KServe, whose OpenAI types need vLLM. Every model
 forbids unknown fields, so an unsupported parameter (`logprobs`, `tools`, ...) is a 400 that
-names it instead of being silently ignored.
+names it instead of being silently ignored, and every model is strict, as OpenAI and the v2
+route are: `"4"`, `4.0` or `true` is not a `max_tokens`, `"0.5"` not a `temperature`, `1` or
+`"yes"` not a `stream`.
+
+Beside OpenAI's own fields, the sampling extras that vLLM accepts and serving benchmarks send
+(aiperf, genai-perf, vLLM's `benchmark_serving`): `ignore_eos`, `min_tokens`, `top_k`,
+`repetition_penalty`, checked with the v2 route's ranges (`predictor.params`).
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class TextPart(_Strict):
@@ -52,6 +58,11 @@ class ChatCompletionRequest(_Strict):
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = None
+    # vLLM's sampling extras (predictor.params checks them as the v2 route does)
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool = False  # generate exactly max_tokens: the end of turn does not end it
     stop: str | list[str] | None = None
     n: int | None = None
     stream: bool = False

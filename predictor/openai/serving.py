@@ -28,7 +28,7 @@ from predictor.protocol import Completion
 
 MAX_STOP_STRINGS = 4  # OpenAI's own limit
 # Our parameter names in errors, as the OpenAI request calls them.
-_OPENAI_NAMES = {"max_new_tokens": "max_tokens"}
+_OPENAI_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
 
 
 class UnknownModel(Exception):
@@ -111,14 +111,22 @@ class ChatService:
             "temperature": request.temperature,
             "top_p": request.top_p,
             "seed": request.seed,
+            "top_k": request.top_k,
+            "repetition_penalty": request.repetition_penalty,
+            "min_new_tokens": request.min_tokens,
+            "ignore_eos": request.ignore_eos,
         }
         try:
             sampling, _ = parse_generation_params(
                 {k: v for k, v in params.items() if v is not None}, self.model.limits
             )
         except InvalidRequest as exc:
-            field = tokens_field if exc.field == "max_new_tokens" else exc.field
-            raise InvalidRequest(field, str(exc).split(": ", 1)[1]) from None
+            names = {**_OPENAI_NAMES, "max_new_tokens": tokens_field}
+            field = names.get(exc.field, exc.field)
+            message = str(exc).split(": ", 1)[1]
+            for ours, theirs in names.items():
+                message = message.replace(ours, theirs)
+            raise InvalidRequest(field, message) from None
         stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
         if len(stop) > MAX_STOP_STRINGS or any(not s for s in stop):
             raise InvalidRequest("stop", f"takes up to {MAX_STOP_STRINGS} non-empty strings")
