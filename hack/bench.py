@@ -748,8 +748,8 @@ def main() -> None:
     parser.add_argument(
         "--perf-analyzer",
         action="store_true",
-        help="instead: Triton's perf_analyzer, REST and gRPC, concurrency 1 and 8 "
-        "(hack/perf_analyzer_bench.py)",
+        help="instead: Triton's perf_analyzer (REST and gRPC) and aiperf (streaming chat), "
+        "concurrency 1 and 8 (hack/client_bench.py)",
     )
     parser.add_argument("--p1-worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -757,9 +757,9 @@ def main() -> None:
         p1_worker(*args.p1_worker)
         return
     if args.perf_analyzer:
-        from hack.perf_analyzer_bench import bench_perf_analyzer
+        from hack.client_bench import bench_clients
 
-        results = bench_perf_analyzer(args.tokens)
+        results = bench_clients(args.tokens)
     else:
         results = gpu_run(args) if args.shape else cpu_run(args)
     if args.json:

@@ -83,6 +83,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from predictor.openai.image_urls import RemotePolicy
     from predictor.openai.router import register_openai_routes
     from predictor.openai.serving import ChatService
+    from predictor.openapi import install_openapi
     from predictor.rest import register_config_routes, register_infer_routes
 
     parser = build_parser(parents=[kserve_server.parser])
@@ -135,6 +136,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     chat = ChatService(model, settings.served_model_aliases, remote)
     register_openai_routes(kserve_server.app, chat)
+    install_openapi(kserve_server.app)
     # Everything built so far (the model, transformers, KServe, FastAPI: about half a million
     # objects) lives as long as the process; frozen, the garbage collector's full passes,
     # which would otherwise walk all of them and stall a request for ~0.1 s, skip them.

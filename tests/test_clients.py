@@ -27,6 +27,8 @@ from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
 from kserve.protocol.infer_type import InferInput, InferRequest
 
+from predictor.openai.protocol import ChatCompletion, ChatCompletionChunk, ErrorResponse, ModelList
+from predictor.openapi import InferResponseBody, TritonModelConfig, V2Error
 from tests import images
 from tests.live_server import LiveServer, infer_body, start_server
 
@@ -39,7 +41,7 @@ DATA_URL = f"data:image/jpeg;base64,{base64.b64encode(JPEG).decode()}"
 @pytest.fixture(scope="module")
 def server(tiny_qwen3_vl: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     log = tmp_path_factory.mktemp("clients") / "server.log"
-    with start_server(tiny_qwen3_vl, log) as live:
+    with start_server(tiny_qwen3_vl, log, "--enable_docs_url", "true") as live:
         yield live
 
 
@@ -277,3 +279,67 @@ def test_openai_route_refuses_loose_types_and_ranges(
     assert reply.status_code == 400, reply.text
     error = reply.json()["error"]
     assert error["param"] == named and error["message"].startswith(f"{named}: ")
+
+
+# ---- the OpenAPI document ------------------------------------------------------------------
+
+NO_BODY = {  # KServe's model repository extension: a model name in the path, no body
+    "/v2/repository/models/{model_name}/load",
+    "/v2/repository/models/{model_name}/unload",
+}
+
+
+def refs(node: object) -> Iterator[str]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "$ref":
+                yield value
+            else:
+                yield from refs(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from refs(item)
+
+
+def test_openapi_document_describes_every_route(server: LiveServer) -> None:
+    document = httpx.get(f"{server.url}/openapi.json").json()
+    paths = document["paths"]
+    posts = [path for path, operations in paths.items() if "post" in operations]
+    assert [p for p in posts if "requestBody" not in paths[p]["post"] and p not in NO_BODY] == []
+    schemas = document["components"]["schemas"]
+    assert {r.rsplit("/", 1)[-1] for r in refs(document)} <= set(schemas)
+    infer = paths["/v2/models/{model_name}/infer"]["post"]
+    assert set(infer["requestBody"]["content"]) == {"application/json", "application/octet-stream"}
+    assert {"200", "400", "404", "503", "504"} <= set(infer["responses"])
+    for prefix in ("/v1", "/openai/v1"):
+        chat = paths[f"{prefix}/chat/completions"]["post"]
+        body = chat["requestBody"]["content"]["application/json"]["schema"]
+        assert body == {"$ref": "#/components/schemas/ChatCompletionRequest"}
+        assert "text/event-stream" in chat["responses"]["200"]["content"]
+    assert "ignore_eos" in schemas["ChatCompletionRequest"]["properties"]
+    assert "404" in paths["/v2/models/{model_name}/config"]["get"]["responses"]
+    assert httpx.get(f"{server.url}/docs").status_code == 200
+
+
+def test_real_answers_match_the_documented_models(server: LiveServer) -> None:
+    v2 = httpx.post(server.infer_url, json=infer_body(JPEG, 3), timeout=60)
+    InferResponseBody.model_validate(v2.json())
+    bad = httpx.post(server.infer_url, json={"inputs": []}, timeout=60)
+    assert bad.status_code == 400
+    V2Error.model_validate(bad.json())
+    TritonModelConfig.model_validate(httpx.get(f"{server.url}/v2/models/qwen-vl/config").json())
+    ModelList.model_validate(httpx.get(f"{server.url}/v1/models").json())
+    body = {"model": "qwen-vl", "messages": [user_turn()], "max_tokens": 3}
+    chat = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+    ChatCompletion.model_validate(chat.json())
+    refused = httpx.post(f"{server.url}/v1/chat/completions", json={**body, "n": 2}, timeout=60)
+    assert refused.status_code == 400
+    ErrorResponse.model_validate(refused.json())
+    streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream(
+        "POST", f"{server.url}/v1/chat/completions", json=streamed, timeout=60
+    ) as reply:
+        events = [line[6:] for line in reply.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [ChatCompletionChunk.model_validate_json(event) for event in events[:-1]]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3

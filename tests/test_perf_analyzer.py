@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from hack.perf_analyzer_bench import install_perf_analyzer, run_perf_analyzer, write_input_data
+from hack.client_bench import install_perf_analyzer, run_perf_analyzer, write_input_data
 from tests import images
 from tests.live_server import LiveServer, start_server
 

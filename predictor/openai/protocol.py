@@ -76,6 +76,78 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+# ---- responses: what `serving` returns, as schemas for the OpenAPI document (and its tests) --
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class Choice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int
+    delta: Delta
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One Server-Sent Event's `data:` (the stream ends with `data: [DONE]`). The usage chunk
+    (with `stream_options.include_usage`) has no choices."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+    models: list[str] = Field(description="KServe's v1 list-models answer, kept for its clients")
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
 def error_body(message: str, type_: str, param: str | None, code: str | None) -> dict[str, Any]:
     """OpenAI's error shape, used for every error on these routes."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
