@@ -48,9 +48,13 @@ def test_perf_analyzer_runs_at_concurrency_1_and_8(
     )
     target = f"127.0.0.1:{server.http_port}" if protocol == "http" else server.grpc_target
     extra = ("--request-parameter", "max_new_tokens:4:int") if protocol == "grpc" else ()
+    # Any stability will do: this checks that perf_analyzer works, not how steady a shared
+    # CI machine is.
     rows = run_perf_analyzer(
-        perf_analyzer, target, protocol, data, tmp_path, requests=8, extra=extra
-    )
+        perf_analyzer, target, protocol, data, tmp_path, requests=8, extra=extra,
+        stability_percent=1000,
+    )  # fmt: skip
     assert [row["Concurrency"] for row in rows] == [1, 8]
     assert all(row["Inferences/Second"] > 0 and row["p50 latency"] > 0 for row in rows)
-    assert "400 Bad Request" not in server.log() and "500 Internal" not in server.log()
+    log = server.log()
+    assert "400 Bad Request" not in log and "500 Internal" not in log, log[-3000:]
