@@ -23,6 +23,7 @@ import argparse
 import base64
 import csv
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -38,7 +39,10 @@ CONCURRENCY = (1, 8)
 def install_perf_analyzer() -> Path:
     """The perf_analyzer wrapper (installed once by hack/perf_analyzer.sh)."""
     done = subprocess.run(
-        ["bash", str(ROOT / "hack" / "perf_analyzer.sh")], capture_output=True, text=True
+        ["bash", str(ROOT / "hack" / "perf_analyzer.sh")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": sys.executable},  # one with pip, to download the wheel
     )
     if done.returncode != 0:
         raise RuntimeError(f"hack/perf_analyzer.sh failed:\n{done.stderr[-4000:]}")
@@ -104,7 +108,10 @@ def run_perf_analyzer(
 def install_aiperf() -> Path:
     """The aiperf executable (installed once into its own venv by hack/aiperf.sh)."""
     done = subprocess.run(
-        ["bash", str(ROOT / "hack" / "aiperf.sh")], capture_output=True, text=True
+        ["bash", str(ROOT / "hack" / "aiperf.sh")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": sys.executable},  # its venv is built from this Python
     )
     if done.returncode != 0:
         raise RuntimeError(f"hack/aiperf.sh failed:\n{done.stderr[-4000:]}")
