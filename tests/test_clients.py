@@ -22,7 +22,7 @@ import numpy as np
 import openai
 import pytest
 import tritonclient.http as triton_http
-from kserve import InferenceGRPCClient
+from kserve import InferenceGRPCClient, InferenceRESTClient, RESTConfig
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
 from kserve.protocol.infer_type import InferInput, InferRequest
@@ -156,6 +156,22 @@ def test_kserve_grpc_client_string_temperature_matches_tritonclient_double(
     assert from_kserve == from_triton["text"]
     greedy = kserve_client_text(server, max_new_tokens=8)
     assert from_kserve != greedy  # the temperature was applied, not dropped
+
+
+def test_kserve_rest_client_sends_the_fraction_as_a_number(server: LiveServer) -> None:
+    async def call() -> str:
+        client = InferenceRESTClient(RESTConfig(protocol="v2"))
+        try:
+            tensor = InferInput("image", [1], "BYTES", data=[base64.b64encode(JPEG).decode()])
+            parameters = {"max_new_tokens": 8, "seed": 7, "temperature": 0.5}
+            request = InferRequest("qwen-vl", [tensor], parameters=parameters)
+            reply = await client.infer(server.url, request, model_name="qwen-vl")
+        finally:
+            await client.close()
+        return reply.outputs[0].data[0]
+
+    over_grpc = kserve_client_text(server, max_new_tokens=8, seed=7, temperature="0.5")
+    assert [asyncio.run(call())] == over_grpc
 
 
 @pytest.mark.parametrize(
