@@ -20,7 +20,7 @@ GPU run (`--shape qwen3-vl-2b|qwen3-vl-8b`, needs CUDA): random weights with the
 configuration, no download; tokens/s at batch 1 and with 32 concurrent requests, time to first
 token, and peak GPU memory, in bfloat16 and in 4-bit.
 
-Usage: python hack/bench.py [--json OUT.json] [--shape qwen3-vl-2b] [--quick]
+Usage: python hack/bench.py [--json OUT.json] [--shape qwen3-vl-2b] [--quick] [--perf-analyzer]
 """
 
 from __future__ import annotations
@@ -786,12 +786,23 @@ def main() -> None:
         default=[],
         help="extra predictor flag for the P1/P2 server, repeatable (--server-arg=--cpu_threads=2)",
     )
+    parser.add_argument(
+        "--perf-analyzer",
+        action="store_true",
+        help="instead: Triton's perf_analyzer (REST and gRPC) and aiperf (streaming chat), "
+        "concurrency 1 and 8 (hack/client_bench.py)",
+    )
     parser.add_argument("--p1-worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.p1_worker:
         p1_worker(*args.p1_worker)
         return
-    results = gpu_run(args) if args.shape else cpu_run(args)
+    if args.perf_analyzer:
+        from hack.client_bench import bench_clients
+
+        results = bench_clients(args.tokens)
+    else:
+        results = gpu_run(args) if args.shape else cpu_run(args)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
         print(f"wrote {args.json}")

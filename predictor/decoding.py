@@ -50,10 +50,17 @@ def supports_continuous_batching(generator: Generator) -> bool:
 
 
 class _Sampler:
-    """Picks one row's next token with the row's own sampling settings."""
+    """Picks one row's next token with the row's own sampling settings. Until the row has
+    `min_new_tokens` tokens its stop tokens cannot be picked (their logits are masked), which
+    is how `min_tokens` and `ignore_eos` fix a row's length."""
 
-    def __init__(self, sampling: SamplingParams, prompt_ids: torch.Tensor):
+    def __init__(
+        self, sampling: SamplingParams, prompt_ids: torch.Tensor, stop_ids: Sequence[int] = ()
+    ):
         self.greedy = sampling.greedy
+        self.min_new_tokens = sampling.min_new_tokens
+        self.stop_ids = list(stop_ids)
+        self.generated = 0
         self.processors = LogitsProcessorList()
         self.history: torch.Tensor | None = None
         if sampling.repetition_penalty != 1.0:
@@ -72,10 +79,17 @@ class _Sampler:
     @property
     def plain_greedy(self) -> bool:
         """Argmax of the raw logits: done for all such rows at once."""
-        return self.greedy and not self.processors
+        return self.greedy and not self.processors and not self._masking
+
+    @property
+    def _masking(self) -> bool:
+        return self.generated < self.min_new_tokens and bool(self.stop_ids)
 
     def pick(self, logits: torch.Tensor) -> int:
         scores = logits.view(1, -1).float()
+        if self._masking:
+            scores = scores.clone()
+            scores[:, self.stop_ids] = -float("inf")
         if self.processors:
             history = self.history if self.history is not None else scores.new_zeros((1, 0))
             scores = self.processors(history.long(), scores)
@@ -85,6 +99,7 @@ class _Sampler:
         return int(torch.multinomial(probs, 1, generator=self.random))
 
     def took(self, token: int) -> None:
+        self.generated += 1
         if self.history is not None:
             self.history = torch.cat([self.history, self.history.new_tensor([[token]])], dim=1)
 
@@ -153,7 +168,7 @@ class RunningBatch:
             _Member(
                 owner,
                 _RowState(self.generator, row),
-                _Sampler(row.sampling, ids[i][mask[i].bool()]),
+                _Sampler(row.sampling, ids[i][mask[i].bool()], self.generator.stop_token_ids),
                 check,
                 int(mask[i].sum()),
             )

@@ -57,7 +57,7 @@ class Row:
     def batch_key(self) -> tuple:
         """Rows with equal keys can share one generate call."""
         s = self.sampling
-        key = (s.temperature, s.top_p, s.top_k, s.repetition_penalty, s.seed)
+        key = (s.temperature, s.top_p, s.top_k, s.repetition_penalty, s.min_new_tokens, s.seed)
         return key if s.seed is None else (*key, self.group)
 
 
@@ -75,6 +75,8 @@ class _RowState:
         self.stop_ids = generator.stop_token_ids
         self.limit = row.sampling.max_new_tokens
         self.stop_strings = row.sampling.stop
+        self.min_new_tokens = row.sampling.min_new_tokens
+        self.search_from = 0  # stop strings count only in text after min_new_tokens
         self.on_text = row.on_text
         self.tokens: list[int] = []
         self.generated = 0
@@ -103,7 +105,12 @@ class _RowState:
 
     def _follow_text(self) -> None:
         text = self.decode(self.tokens)
-        cut = min((i for i in (text.find(s) for s in self.stop_strings) if i >= 0), default=-1)
+        if len(self.tokens) < self.min_new_tokens:
+            self.search_from = len(text.rstrip("\ufffd"))
+            self._emit(text[: self.search_from])
+            return
+        found = (text.find(s, self.search_from) for s in self.stop_strings)
+        cut = min((i for i in found if i >= 0), default=-1)
         if cut >= 0:
             self.text, self.finish_reason = text[:cut], "stop"
             self._emit(self.text)
@@ -297,6 +304,7 @@ class Generator:
             "eos_token_id": self.stop_token_ids,
             "pad_token_id": self.pad_token_id,
             "repetition_penalty": sampling.repetition_penalty,
+            "min_new_tokens": sampling.min_new_tokens,
         }
         if self.static_cache:
             options["cache_implementation"] = "static"

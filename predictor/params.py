@@ -8,6 +8,7 @@ message that names the parameter.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()  # strings that end the text (not included in it)
+    # Tokens generated before a stop token or string may end the row: stop tokens are masked
+    # until then. `ignore_eos` is min_new_tokens = max_new_tokens (exactly that many tokens).
+    min_new_tokens: int = 0
 
     @property
     def greedy(self) -> bool:
@@ -50,6 +54,8 @@ class RequestLimits:
 
 GENERATION_PARAMETERS = (
     "max_new_tokens",
+    "min_new_tokens",
+    "ignore_eos",
     "temperature",
     "top_p",
     "top_k",
@@ -58,6 +64,28 @@ GENERATION_PARAMETERS = (
     "min_pixels",
     "max_pixels",
 )
+# Parameters that take a whole number, and those that take any number (the rest are floats).
+INTEGER_PARAMETERS = frozenset(
+    {"max_new_tokens", "min_new_tokens", "top_k", "seed", "min_pixels", "max_pixels"}
+)
+NUMBER_PARAMETERS = frozenset({"temperature", "top_p", "repetition_penalty"})
+_INTEGER_TEXT = re.compile(r"[+-]?[0-9]+")
+_NUMBER_TEXT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+
+
+def number_from_text(name: str, text: str) -> Any:
+    """A numeric parameter sent as text, as the number it spells exactly; otherwise the text.
+
+    Why: KServe's gRPC proto has no double parameter, so its own client can send
+    `temperature` 0.5 only as the string "0.5". A string that is exactly a number of the
+    parameter's kind ("0.5", "1e-3"; "4" for an integer) is that number; anything else
+    ("0.5 ", "nan", "4.0" for an integer) stays a string and is refused as one.
+    """
+    if name in INTEGER_PARAMETERS and _INTEGER_TEXT.fullmatch(text):
+        return int(text)
+    if name in NUMBER_PARAMETERS and _NUMBER_TEXT.fullmatch(text):
+        return float(text)
+    return text
 
 
 def _int(params: Mapping[str, Any], name: str, lo: int, hi: int) -> int | None:
@@ -69,6 +97,13 @@ def _int(params: Mapping[str, Any], name: str, lo: int, hi: int) -> int | None:
     if not lo <= value <= hi:
         raise InvalidRequest(name, f"must be between {lo} and {hi}, got {value}")
     return value
+
+
+def _bool(params: Mapping[str, Any], name: str) -> bool | None:
+    value = params.get(name)
+    if value is None or isinstance(value, bool):
+        return value
+    raise InvalidRequest(name, f"must be true or false, got {type(value).__name__} {value!r}")
 
 
 def _float(
@@ -92,8 +127,18 @@ def parse_generation_params(
 ) -> tuple[SamplingParams, PixelBudget]:
     """Validate the generation parameters in `params` (other keys are the caller's business)."""
     max_new_tokens = _int(params, "max_new_tokens", 1, limits.max_new_tokens_limit)
+    max_new_tokens = max_new_tokens or limits.max_new_tokens
+    min_new_tokens = _int(params, "min_new_tokens", 0, limits.max_new_tokens_limit) or 0
+    if min_new_tokens > max_new_tokens:
+        raise InvalidRequest(
+            "min_new_tokens",
+            f"({min_new_tokens}) must not exceed max_new_tokens ({max_new_tokens})",
+        )
+    if _bool(params, "ignore_eos"):
+        min_new_tokens = max_new_tokens
     sampling = SamplingParams(
-        max_new_tokens=max_new_tokens or limits.max_new_tokens,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
         temperature=_float(params, "temperature", 0.0, MAX_TEMPERATURE) or 0.0,
         top_p=_float(params, "top_p", 0.0, 1.0, lo_open=True) or 1.0,
         top_k=_int(params, "top_k", 0, MAX_TOP_K) or 0,

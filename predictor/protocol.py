@@ -25,6 +25,7 @@ from predictor.params import (
     GENERATION_PARAMETERS,
     RequestLimits,
     SamplingParams,
+    number_from_text,
     parse_generation_params,
 )
 
@@ -34,12 +35,28 @@ TEXT_OUTPUT = "text"
 FINISH_REASON_OUTPUT = "finish_reason"
 TOKENS_OUTPUT = "generated_tokens"
 MAX_PROMPT_CHARS = 16_384
-# Parameters of the protocol itself (binary REST outputs), accepted beside generation ones.
-PROTOCOL_PARAMETERS = ("binary_data_output",)
+# Parameters that Triton's clients add on their own, accepted beside the generation ones. Each
+# is checked for its type; none changes the answer of this (non-decoupled) model:
+# - binary_data_output (tritonclient.http, no outputs named): binary outputs, which KServe honours;
+# - triton_enable_empty_final_response (tritonclient.grpc streaming, perf_analyzer over gRPC):
+#   an empty last response for decoupled models; this model sends one response per request;
+# - priority (tritonclient infer(priority=N)): Triton ignores it without priority levels, so do we;
+# - timeout (tritonclient infer(timeout=µs)): a queue time-out Triton applies only when the model's
+#   config enables one; here --request_timeout_s bounds every request.
+# sequence_id/sequence_start/sequence_end are refused: this is not a sequence model.
+CLIENT_PARAMETERS = {
+    "binary_data_output": bool,
+    "triton_enable_empty_final_response": bool,
+    "priority": int,
+    "timeout": int,
+}
+SEQUENCE_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end")
 
+# Every input is required but these (Triton's model config says so; v2 metadata has no field).
+OPTIONAL_INPUTS = frozenset({PROMPT_INPUT})
 INPUT_METADATA = [
     {"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]},
-    {"name": PROMPT_INPUT, "datatype": "BYTES", "shape": [-1], "optional": True},
+    {"name": PROMPT_INPUT, "datatype": "BYTES", "shape": [-1]},
 ]
 OUTPUT_METADATA = [
     {"name": TEXT_OUTPUT, "datatype": "BYTES", "shape": [-1]},
@@ -70,7 +87,11 @@ class ParsedRequest:
 
 
 def read_parameters(parameters: Any) -> dict[str, Any]:
-    """Request parameters as plain Python values, from a REST dict or gRPC `InferParameter`s."""
+    """Request parameters as plain Python values, from a REST dict or gRPC `InferParameter`s.
+
+    A gRPC `string_param` that spells a number exactly becomes that number for the numeric
+    parameters (`params.number_from_text`): KServe's proto can carry a fraction no other way.
+    """
     if not parameters:
         return {}
     values: dict[str, Any] = {}
@@ -78,9 +99,33 @@ def read_parameters(parameters: Any) -> dict[str, Any]:
         if hasattr(value, "WhichOneof"):
             choice = value.WhichOneof("parameter_choice")
             values[key] = getattr(value, choice) if choice else _triton_only_param(value)
+            if choice == "string_param":
+                values[key] = number_from_text(key, values[key])
         else:
             values[key] = value
     return values
+
+
+def _check_client_parameters(params: Mapping[str, Any]) -> None:
+    """Refuse unknown parameters by name; type-check the ones Triton's clients add."""
+    for name in sorted(params):
+        if name in GENERATION_PARAMETERS:
+            continue
+        value = params[name]
+        kind = CLIENT_PARAMETERS.get(name)
+        if kind is None:
+            why = (
+                "sequence parameters are not supported: this is not a sequence model"
+                if name in SEQUENCE_PARAMETERS
+                else f"unknown parameter; accepted: {', '.join(GENERATION_PARAMETERS)}"
+            )
+            raise InvalidRequest(f"parameters.{name}", why)
+        if kind is bool and not isinstance(value, bool):
+            raise InvalidRequest(f"parameters.{name}", f"must be true or false, got {value!r}")
+        if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise InvalidRequest(
+                f"parameters.{name}", f"must be a non-negative integer, got {value!r}"
+            )
 
 
 def _triton_only_param(message: Any) -> float | int | None:
@@ -245,12 +290,7 @@ def parse_infer_request(
         prompts = texts * count if len(texts) == 1 else texts
     _check_requested_outputs(request)
     params = read_parameters(request.parameters)
-    unknown = sorted(set(params) - set(GENERATION_PARAMETERS) - set(PROTOCOL_PARAMETERS))
-    if unknown:
-        raise InvalidRequest(
-            f"parameters.{unknown[0]}",
-            f"unknown parameter; accepted: {', '.join(GENERATION_PARAMETERS)}",
-        )
+    _check_client_parameters(params)
     sampling, budget = parse_generation_params(params, limits)
     return ParsedRequest(
         request_id=request.id or str(uuid.uuid4()),

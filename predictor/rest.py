@@ -26,6 +26,7 @@ from kserve.protocol.infer_type import InferInput, InferRequest, RequestedOutput
 
 from predictor.errors import DeadlineExceeded, InvalidRequest, Unavailable
 from predictor.protocol import deserialize_bytes
+from predictor.triton_config import model_config
 
 HEADER_LENGTH = "inference-header-content-length"
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer
@@ -227,3 +228,18 @@ def register_infer_routes(app: FastAPI, dataplane: DataPlane, max_body_bytes: in
         app.add_api_route(path, infer, methods=["POST"], response_model=None)
     app.add_exception_handler(Unavailable, unavailable_handler)
     app.add_exception_handler(DeadlineExceeded, deadline_handler)
+
+
+def register_config_routes(app: FastAPI, dataplane: DataPlane) -> None:
+    """Triton's model-configuration extension, `GET /v2/models/{name}[/versions/{v}]/config`
+    (see `predictor.triton_config`); an unknown model is KServe's 404."""
+
+    async def config(model_name: str, model_version: str | None = None) -> ORJSONResponse:
+        model = dataplane.get_model_from_registry(model_name)
+        return ORJSONResponse(model_config(model.name))
+
+    for path in (
+        "/v2/models/{model_name}/config",
+        "/v2/models/{model_name}/versions/{model_version}/config",
+    ):
+        app.add_api_route(path, config, methods=["GET"], response_model=None)

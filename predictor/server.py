@@ -84,7 +84,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     from predictor.openai.image_urls import RemotePolicy
     from predictor.openai.router import register_openai_routes
     from predictor.openai.serving import ChatService
-    from predictor.rest import register_infer_routes
+    from predictor.openapi import install_openapi
+    from predictor.rest import register_config_routes, register_infer_routes
     from predictor.servers import harden
     from predictor.ui.routes import page_config, register_ui_routes
 
@@ -133,6 +134,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     harden(server, kserve_server, model, settings)
     register_infer_routes(kserve_server.app, server.dataplane, request_bytes_limit(settings))
+    register_config_routes(kserve_server.app, server.dataplane)
     remote = RemotePolicy(
         allowed=settings.allow_remote_images,
         hosts=settings.remote_image_hosts,
@@ -147,6 +149,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         assert model.limits is not None  # set by load()
         config = page_config(model.name, settings, model.limits)
         register_ui_routes(kserve_server.app, config)
+    install_openapi(kserve_server.app)
     # Everything built so far (the model, transformers, KServe, FastAPI: about half a million
     # objects) lives as long as the process; frozen, the garbage collector's full passes,
     # which would otherwise walk all of them and stall a request for ~0.1 s, skip them.

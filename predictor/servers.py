@@ -40,6 +40,7 @@ from kserve.protocol.grpc.servicer import InferenceServicer
 from kserve.protocol.rest.server import RESTServer
 from timing_asgi import TimingMiddleware
 
+from predictor.grpc_server import model_config_handler
 from predictor.health import GuardedRepository, HealthDataPlane
 from predictor.http_limits import ClientLimits, limited_protocol
 from predictor.logs import RequestLogMiddleware, install_quiet_exception_handlers, one_line
@@ -124,7 +125,8 @@ class LimitedRESTServer(RESTServer):
 
 
 class QuietGRPCServer(GRPCServer):
-    """KServe's gRPC server (its `start`, unchanged but for interceptors and options)."""
+    """KServe's gRPC server (its `start`, unchanged but for interceptors, options and Triton's
+    `ModelConfig` method)."""
 
     handshake_timeout_s = 10.0
 
@@ -143,6 +145,8 @@ class QuietGRPCServer(GRPCServer):
             ],
         )
         grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
+        # Triton's ModelConfig beside KServe's methods (predictor.grpc_server).
+        self._server.add_generic_rpc_handlers((model_config_handler(self._data_plane),))
         listen_addr = f"[::]:{self._port}"
         self._server.add_insecure_port(listen_addr)
         logger.info("Starting gRPC server on %s with %d workers", listen_addr, max_workers)

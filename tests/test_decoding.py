@@ -145,3 +145,42 @@ def test_running_out_of_memory_while_joining_leaves_the_running_rows_as_they_wer
     while len(batch):
         finished.update(batch.step())
     assert finished[0] == expected
+
+
+def first_new_token(tokens: list[int]) -> int:
+    """The index of a token that does not occur before it (past the first two)."""
+    return next(k for k in range(2, len(tokens)) if tokens[k] not in tokens[:k])
+
+
+@pytest.mark.parametrize("path", ["running batch", "generate"])
+def test_min_new_tokens_masks_the_stop_tokens(
+    generator: Generator, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    """ignore_eos / min_tokens: with the k-th greedy token made a stop token, a plain row
+    stops there; with min_new_tokens it cannot, in both decoding paths, and both agree."""
+    row = rows_for(generator)[0]  # 40 greedy tokens, no stop
+    batch = RunningBatch(generator)
+    batch.admit([row], [0], [None])
+    for _ in range(12):
+        batch.step()
+    tokens = list(batch.members[0].state.tokens)
+    k = first_new_token(tokens)
+    monkeypatch.setattr(generator, "stop_token_ids", [tokens[k]])
+
+    def run(min_new_tokens: int) -> Completion:
+        sampled = replace(row, sampling=replace(row.sampling, min_new_tokens=min_new_tokens))
+        if path == "generate":
+            return generator.describe([sampled])[0]
+        running = RunningBatch(generator)
+        done = running.admit([sampled], [0], [None])
+        while not done:
+            done = running.step()
+        return done[0][1]
+
+    stopped = run(0)
+    assert (stopped.generated_tokens, stopped.finish_reason) == (k + 1, "stop")
+    longer = run(k + 3)
+    assert longer.generated_tokens >= k + 3
+    exact = run(40)
+    assert (exact.generated_tokens, exact.finish_reason) == (40, "length")
+    assert exact.text.startswith(stopped.text)

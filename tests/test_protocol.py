@@ -289,3 +289,65 @@ def test_response_has_three_outputs_in_order() -> None:
         "data": [4, 8],
     }
     assert rest["parameters"] == {"generate_ms": 5}
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "value"),
+    [
+        ("temperature", "0.5", 0.5),
+        ("top_p", ".9", 0.9),
+        ("repetition_penalty", "1e0", 1.0),
+        ("max_new_tokens", "4", 4),
+        ("seed", "+7", 7),
+        ("temperature", "0.5 ", "0.5 "),  # not exactly a number: stays text, refused as text
+        ("temperature", "nan", "nan"),
+        ("temperature", "inf", "inf"),
+        ("max_new_tokens", "4.0", "4.0"),
+        ("max_new_tokens", "0x10", "0x10"),
+        ("ignore_eos", "true", "true"),  # only numeric parameters are read from text
+    ],
+)
+def test_grpc_strings_become_the_number_they_spell_exactly(
+    name: str, text: str, value: object
+) -> None:
+    assert read_parameters({name: pb.InferParameter(string_param=text)}) == {name: value}
+
+
+def test_a_string_number_over_rest_stays_refused() -> None:
+    body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [B64]}]}
+    body["parameters"] = {"temperature": "0.5"}
+    with pytest.raises(InvalidRequest, match=r"temperature: must be a number, got str '0.5'"):
+        parse(parse_rest_request(orjson.dumps(body), None, "qwen-vl"))
+
+
+@pytest.mark.parametrize(
+    ("parameters", "message"),
+    [
+        ({"triton_enable_empty_final_response": 1}, "must be true or false"),
+        ({"binary_data_output": "yes"}, "must be true or false"),
+        ({"priority": True}, "must be a non-negative integer"),
+        ({"timeout": -1}, "must be a non-negative integer"),
+        ({"sequence_start": True}, "not a sequence model"),
+        ({"min_new_tokens": 40}, "must not exceed max_new_tokens (32)"),
+        ({"ignore_eos": 1}, "ignore_eos: must be true or false"),
+    ],
+)
+def test_client_and_length_parameters_are_checked(parameters: dict, message: str) -> None:
+    with pytest.raises(InvalidRequest) as error:
+        parse(request(image_input([B64]), parameters=parameters))
+    assert message in str(error.value)
+
+
+def test_ignore_eos_and_triton_parameters_are_accepted() -> None:
+    parameters = {
+        "ignore_eos": True,
+        "max_new_tokens": 12,
+        "triton_enable_empty_final_response": True,
+        "binary_data_output": False,
+        "priority": 2,
+        "timeout": 5_000_000,
+    }
+    sampling = parse(request(image_input([B64]), parameters=parameters)).sampling
+    assert (sampling.max_new_tokens, sampling.min_new_tokens) == (12, 12)
+    minimum = parse(request(image_input([B64]), parameters={"min_new_tokens": 5})).sampling
+    assert (minimum.max_new_tokens, minimum.min_new_tokens) == (32, 5)

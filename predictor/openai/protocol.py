@@ -2,7 +2,13 @@
 
 Owned here rather than imported from KServe, whose OpenAI types need vLLM. Every model
 forbids unknown fields, so an unsupported parameter (`logprobs`, `tools`, ...) is a 400 that
-names it instead of being silently ignored.
+names it instead of being silently ignored, and every model is strict, as OpenAI and the v2
+route are: `"4"`, `4.0` or `true` is not a `max_tokens`, `"0.5"` not a `temperature`, `1` or
+`"yes"` not a `stream`.
+
+Beside OpenAI's own fields, the sampling extras that vLLM accepts and serving benchmarks send
+(aiperf, genai-perf, vLLM's `benchmark_serving`): `ignore_eos`, `min_tokens`, `top_k`,
+`repetition_penalty`, checked with the v2 route's ranges (`predictor.params`).
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class TextPart(_Strict):
@@ -59,9 +65,12 @@ class ChatCompletionRequest(_Strict):
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = None
-    # Sampling and processor fields vLLM accepts beside OpenAI's (the v2 route's parameters).
+    # Sampling and processor fields vLLM accepts beside OpenAI's (the v2 route's parameters;
+    # predictor.params checks them as it does there).
     top_k: int | None = None  # 0 (or vLLM's -1) turns it off
     repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool = False  # generate exactly max_tokens: the end of turn does not end it
     mm_processor_kwargs: ProcessorKwargs | None = None
     stop: str | list[str] | None = None
     n: int | None = None
@@ -74,6 +83,78 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+
+
+# ---- responses: what `serving` returns, as schemas for the OpenAPI document (and its tests) --
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class Choice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int
+    delta: Delta
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One Server-Sent Event's `data:` (the stream ends with `data: [DONE]`). The usage chunk
+    (with `stream_options.include_usage`) has no choices."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+    models: list[str] = Field(description="KServe's v1 list-models answer, kept for its clients")
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
 
 
 def error_body(message: str, type_: str, param: str | None, code: str | None) -> dict[str, Any]:

@@ -30,6 +30,8 @@ from predictor.protocol import Completion
 MAX_STOP_STRINGS = 4  # OpenAI's own limit
 # Our parameter names in errors, as the OpenAI request calls them.
 _OPENAI_NAMES = {
+    "max_new_tokens": "max_tokens",
+    "min_new_tokens": "min_tokens",
     "min_pixels": "mm_processor_kwargs.min_pixels",
     "max_pixels": "mm_processor_kwargs.max_pixels",
 }
@@ -128,6 +130,8 @@ class ChatService:
             "top_k": 0 if request.top_k == TOP_K_OFF else request.top_k,
             "repetition_penalty": request.repetition_penalty,
             "seed": request.seed,
+            "min_new_tokens": request.min_tokens,
+            "ignore_eos": request.ignore_eos,
             "min_pixels": pixels.min_pixels,
             "max_pixels": pixels.max_pixels,
         }
@@ -138,7 +142,10 @@ class ChatService:
         except InvalidRequest as exc:
             names = {**_OPENAI_NAMES, "max_new_tokens": tokens_field}
             field = names.get(exc.field, exc.field)
-            raise InvalidRequest(field, str(exc).split(": ", 1)[1]) from None
+            message = str(exc).split(": ", 1)[1]
+            for ours, theirs in names.items():
+                message = message.replace(ours, theirs)
+            raise InvalidRequest(field, message) from None
         stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
         if len(stop) > MAX_STOP_STRINGS or any(not s for s in stop):
             raise InvalidRequest("stop", f"takes up to {MAX_STOP_STRINGS} non-empty strings")
