@@ -2,8 +2,9 @@
 API server evaluates them on create: against the object after schema defaults are applied, with
 `self` bound to the value at the rule's place in the schema.
 
-Transition rules (those that read `oldSelf`) only apply to updates and are skipped. A rule that
-uses a Kubernetes CEL extension cel-python lacks (`isURL`, `quantity`, ...) cannot be decided
+Transition rules (those that read `oldSelf`) only apply to updates and are skipped. Kubernetes'
+URL library (`url`, `isURL` and the URL getters, which Istio's CRDs use) is provided here; a rule
+that uses another Kubernetes CEL extension cel-python lacks (`quantity`, ...) cannot be decided
 here: it is counted as unevaluated, never silently passed.
 """
 
@@ -13,15 +14,60 @@ import copy
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import celpy
+from celpy import celtypes
 
 _ENV = celpy.Environment()
 
 
+class _URL(celtypes.StringType):
+    """A value of Kubernetes' CEL `URL` type: an absolute URL."""
+
+
+def _url(text: Any) -> _URL:
+    parts = urlsplit(str(text))
+    if not parts.scheme or not (parts.netloc or parts.path):
+        raise ValueError(f"url: {text!r} is not an absolute URL")
+    return _URL(str(text))
+
+
+def _is_url(text: Any) -> celtypes.BoolType:
+    try:
+        _url(text)
+    except ValueError:
+        return celtypes.BoolType(False)
+    return celtypes.BoolType(True)
+
+
+# Kubernetes' URL library (k8s.io/apiserver/pkg/cel/library/urls.go), on urllib's parser.
+_FUNCTIONS = {
+    "url": _url,
+    "isURL": _is_url,
+    "getScheme": lambda u: celtypes.StringType(urlsplit(str(u)).scheme),
+    "getHost": lambda u: celtypes.StringType(urlsplit(str(u)).netloc.rpartition("@")[2]),
+    "getHostname": lambda u: celtypes.StringType(urlsplit(str(u)).hostname or ""),
+    "getPort": lambda u: celtypes.StringType(str(urlsplit(str(u)).port or "")),
+    "getEscapedPath": lambda u: celtypes.StringType(urlsplit(str(u)).path),
+    "getQuery": lambda u: _query(u),
+}
+
+
+def _query(u: Any) -> celtypes.MapType:
+    """`getQuery()`: each query parameter's values, in order (map(string, list(string)))."""
+    values = parse_qs(urlsplit(str(u)).query, keep_blank_values=True)
+    return celtypes.MapType(
+        {
+            celtypes.StringType(k): celtypes.ListType([celtypes.StringType(v) for v in vs])
+            for k, vs in values.items()
+        }
+    )
+
+
 @cache
 def _program(rule: str) -> Any:
-    return _ENV.program(_ENV.compile(rule))
+    return _ENV.program(_ENV.compile(rule), functions=_FUNCTIONS)
 
 
 @dataclass

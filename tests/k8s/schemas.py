@@ -33,7 +33,8 @@ CRD_DIR = ROOT.parent / "shared" / "crds"
 KUBERNETES_VERSION = "1.33"
 OBJECT_META = "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"
 # Kinds that may render without a schema to check them against: the gateway-istio component's
-# Istio policies (../shared/crds ships no Istio CRDs). Any other schema-less object is an error.
+# Istio policies, where a ../shared/crds has no Istio CRDs (newer ones do, and then they are
+# checked like any other). Any other schema-less object is an error.
 NO_SCHEMA_ALLOWED = {
     ("security.istio.io/v1", "RequestAuthentication"),
     ("security.istio.io/v1", "AuthorizationPolicy"),
@@ -133,6 +134,10 @@ def _crd_schemas(crd_dir: Path) -> dict[tuple[str, str], CrdSchema]:
                 raw = version["schema"]["openAPIV3Schema"]
                 schema = _strict(raw)
                 props = schema.setdefault("properties", {})
+                # Every object has these, whether its CRD's schema lists them or not (Istio's
+                # list only spec and status); the API server never prunes them.
+                for name in ("apiVersion", "kind"):
+                    props.setdefault(name, {"type": "string"})
                 props["metadata"] = {"$ref": f"{DEFINITIONS_URI}#/$defs/{OBJECT_META}"}
                 schema["required"] = sorted({*schema.get("required", ()), "apiVersion", "kind"})
                 key = (f"{spec['group']}/{version['name']}", spec["names"]["kind"])
