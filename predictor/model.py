@@ -25,7 +25,7 @@ from predictor.errors import InvalidRequest
 from predictor.generation import Generator, Row
 from predictor.images import ImageLimits, PixelBudget, prepare_image
 from predictor.loading import load_model
-from predictor.params import RequestLimits
+from predictor.params import RequestLimits, sampling_defaults
 from predictor.protocol import (
     INPUT_METADATA,
     OUTPUT_METADATA,
@@ -114,12 +114,18 @@ class QwenVLModel(Model):
             min_pixels=min(checkpoint_budget.min_pixels, cap),
             max_pixels=min(checkpoint_budget.max_pixels, cap),
         )
+        assert self.generator is not None
+        sampling = sampling_defaults(
+            self.settings.generation_config, self.generator.checkpoint_sampling
+        )
+        logger.info("sampling defaults for requests that do not set their own: %s", sampling)
         return RequestLimits(
             max_new_tokens=self.settings.max_new_tokens,
             max_new_tokens_limit=self.settings.max_new_tokens_limit,
             default_budget=default,
             max_pixels_limit=cap,
             max_images_per_request=self.settings.max_images_per_request,
+            sampling_defaults=sampling,
         )
 
     def stop(self) -> None:
