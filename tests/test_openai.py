@@ -154,6 +154,10 @@ def test_several_images_and_turns(client: openai.OpenAI) -> None:
         ({"logprobs": True}, "logprobs"),
         ({"messages": [user_turn(DATA_URL, DATA_URL, DATA_URL, DATA_URL)]}, "messages"),
         ({"messages": [{"role": "user", "content": "no image here"}]}, "messages"),
+        (
+            {"messages": [user_turn(DATA_URL), {"role": "system", "content": "Answer in French."}]},
+            "messages[1]",
+        ),
     ],
     ids=[
         "bad-base64",
@@ -167,6 +171,7 @@ def test_several_images_and_turns(client: openai.OpenAI) -> None:
         "unsupported-parameter",
         "too-many-images",
         "no-image",
+        "system-message-the-template-drops",
     ],
 )
 def test_bad_requests_are_bad_request_errors(
