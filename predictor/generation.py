@@ -299,25 +299,32 @@ class Generator:
         )
 
     def _generation_config(self, sampling: SamplingParams) -> GenerationConfig:
+        """Every sampling value set, "off" ones included: `generate` fills any value left
+        `None` from the checkpoint's generation_config.json (and then from transformers' own
+        defaults, top_k 50), which would apply defaults a request turned off. The request's
+        resolved `SamplingParams` (predictor.params) are the only source, as on the
+        continuous path."""
+        greedy = sampling.greedy
         options: dict[str, Any] = {
             "max_new_tokens": sampling.max_new_tokens,
             "eos_token_id": self.stop_token_ids,
             "pad_token_id": self.pad_token_id,
             "repetition_penalty": sampling.repetition_penalty,
             "min_new_tokens": sampling.min_new_tokens,
+            "do_sample": not greedy,
+            "temperature": 1.0 if greedy else sampling.temperature,
+            "top_p": 1.0 if greedy else sampling.top_p,
+            "top_k": 0 if greedy else sampling.top_k,
         }
         if self.static_cache:
             options["cache_implementation"] = "static"
-        if sampling.greedy:
-            options["do_sample"] = False
-        else:
-            options.update(
-                do_sample=True,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                top_k=sampling.top_k or None,
-            )
         return GenerationConfig(**options)
+
+    @property
+    def checkpoint_sampling(self) -> dict[str, Any]:
+        """The values the checkpoint's generation_config.json sets (what transformers loaded
+        from it, without its own defaults)."""
+        return self.model.generation_config.to_diff_dict()
 
     @torch.inference_mode()
     def _generate(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
 import re
 import warnings
 from dataclasses import dataclass
@@ -24,7 +25,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from qwen_vl_utils import smart_resize
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2.functional import resize as resize_tensor
 
@@ -172,6 +172,33 @@ def to_rgb(image: Image.Image) -> Image.Image:
     background = Image.new("RGB", rgba.size, (255, 255, 255))
     background.paste(rgba, mask=rgba.getchannel("A"))
     return background
+
+
+def smart_resize(
+    height: int, width: int, factor: int, min_pixels: int, max_pixels: int
+) -> tuple[int, int]:
+    """(height, width) as the checkpoint's own image processor computes them: each side
+    rounded to a multiple of `factor`; if that exceeds `max_pixels`, both sides scaled down
+    (floored, at least `factor`); if it falls below `min_pixels`, both scaled up (ceiled).
+
+    Why our own copy: this is transformers' `Qwen2VLImageProcessor` rule, which every family
+    (Qwen3-VL included) uses, and which differs from qwen-vl-utils' on very elongated images
+    (it has no `max(factor, ...)` before the budget checks, so a 10-pixel side rounds to 0
+    and the image is scaled up instead). Whatever the server resizes to must be exactly what
+    the processor would pick, or the model sees another grid than a plain transformers run
+    (tests/test_images.py checks it against the processor).
+    """
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
 
 
 def target_size(width: int, height: int, budget: PixelBudget, factor: int) -> tuple[int, int]:

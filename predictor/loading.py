@@ -171,3 +171,16 @@ def load_processor(settings: Settings) -> Any:
     return AutoProcessor.from_pretrained(
         source.path_or_id, revision=source.revision, trust_remote_code=False
     )
+
+
+def load_checkpoint_sampling(settings: Settings) -> dict[str, Any]:
+    """The values the checkpoint's generation_config.json sets (`Generator.checkpoint_sampling`
+    without loading the model): what `--generation_config auto` takes its defaults from."""
+    from transformers import GenerationConfig
+
+    source = resolve_source(settings)
+    try:
+        config = GenerationConfig.from_pretrained(source.path_or_id, revision=source.revision)
+    except OSError:  # no generation_config.json: no checkpoint defaults
+        return {}
+    return config.to_diff_dict()

@@ -25,8 +25,8 @@ from predictor.engine_client import RemoteEngine
 from predictor.errors import InvalidRequest, ShuttingDown, StartupError
 from predictor.generation import Generator, Row
 from predictor.images import ImageLimits, PixelBudget, prepare_image
-from predictor.loading import load_model, load_processor
-from predictor.params import RequestLimits
+from predictor.loading import load_checkpoint_sampling, load_model, load_processor
+from predictor.params import RequestLimits, sampling_defaults
 from predictor.preprocessing import Preprocessor
 from predictor.protocol import (
     INPUT_METADATA,
@@ -99,7 +99,9 @@ class QwenVLModel(Model):
             trace_vision=self.settings.trace_vision,
         )
         self.preprocessor = self.generator
-        self.limits = self._request_limits(self.generator.default_budget)
+        self.limits = self._request_limits(
+            self.generator.default_budget, self.generator.checkpoint_sampling
+        )
         if self.settings.warmup:
             self.generator.warm_up()
         self.engine = Engine(
@@ -121,7 +123,9 @@ class QwenVLModel(Model):
         """The model in a process of its own (`predictor.engine_core`); only the processor
         here. Ready once that process has loaded and warmed up."""
         self.preprocessor = Preprocessor(load_processor(self.settings))
-        self.limits = self._request_limits(self.preprocessor.default_budget)
+        self.limits = self._request_limits(
+            self.preprocessor.default_budget, load_checkpoint_sampling(self.settings)
+        )
         engine = RemoteEngine(self.settings, self.name)
         engine.on_death = self._engine_died
         self.engine = engine
@@ -140,18 +144,23 @@ class QwenVLModel(Model):
         self.ready = False
         self.engine_failed = detail
 
-    def _request_limits(self, checkpoint_budget: PixelBudget) -> RequestLimits:
+    def _request_limits(
+        self, checkpoint_budget: PixelBudget, checkpoint_sampling: dict[str, Any]
+    ) -> RequestLimits:
         cap = self.settings.max_pixels_limit
         default = PixelBudget(
             min_pixels=min(checkpoint_budget.min_pixels, cap),
             max_pixels=min(checkpoint_budget.max_pixels, cap),
         )
+        sampling = sampling_defaults(self.settings.generation_config, checkpoint_sampling)
+        logger.info("sampling defaults for requests that do not set their own: %s", sampling)
         return RequestLimits(
             max_new_tokens=self.settings.max_new_tokens,
             max_new_tokens_limit=self.settings.max_new_tokens_limit,
             default_budget=default,
             max_pixels_limit=cap,
             max_images_per_request=self.settings.max_images_per_request,
+            sampling_defaults=sampling,
         )
 
     def stop(self) -> None:

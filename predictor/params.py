@@ -42,6 +42,51 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class SamplingDefaults:
+    """What a request gets for each sampling parameter it does not set itself.
+
+    Why: real checkpoints ship sampling defaults in `generation_config.json` (Qwen3-VL:
+    temperature 0.7, top_p 0.8, top_k 20; Qwen2.5-VL: temperature 0.1, top_p 0.001, top_k 1,
+    repetition_penalty 1.05), and their model cards' numbers are measured with them. With
+    `--generation_config auto` a silent request gets them, as vLLM does by default; with
+    `none` it gets these greedy defaults. Either way a value the request sends wins, and the
+    "off" values (top_k 0, top_p 1, repetition_penalty 1) mean off: both engine paths apply
+    exactly the resolved `SamplingParams`, never the checkpoint's file behind them.
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+
+    @classmethod
+    def from_generation_config(cls, values: Mapping[str, Any]) -> SamplingDefaults:
+        """The defaults a `generation_config.json` (as a dict of the values it sets) means
+        under transformers' rules: without `do_sample` it decodes greedily, so temperature,
+        top_p and top_k only count when it samples; repetition_penalty counts either way."""
+        penalty = values.get("repetition_penalty")
+        defaults = cls(repetition_penalty=float(penalty) if penalty is not None else 1.0)
+        if not values.get("do_sample"):
+            return defaults
+        temperature = values.get("temperature")
+        top_p, top_k = values.get("top_p"), values.get("top_k")
+        return cls(
+            temperature=float(temperature) if temperature is not None else 1.0,
+            top_p=float(top_p) if top_p is not None else 1.0,
+            top_k=int(top_k) if top_k is not None else 0,
+            repetition_penalty=defaults.repetition_penalty,
+        )
+
+
+def sampling_defaults(setting: str, checkpoint: Mapping[str, Any]) -> SamplingDefaults:
+    """The defaults of `--generation_config` (`auto` or `none`) for a checkpoint whose
+    generation_config.json sets `checkpoint`."""
+    if setting == "auto":
+        return SamplingDefaults.from_generation_config(checkpoint)
+    return SamplingDefaults()
+
+
+@dataclass(frozen=True)
 class RequestLimits:
     """Server flags that bound what a request may ask for, plus the defaults it gets."""
 
@@ -50,6 +95,7 @@ class RequestLimits:
     default_budget: PixelBudget
     max_pixels_limit: int
     max_images_per_request: int
+    sampling_defaults: SamplingDefaults = SamplingDefaults()
 
 
 GENERATION_PARAMETERS = (
@@ -136,13 +182,20 @@ def parse_generation_params(
         )
     if _bool(params, "ignore_eos"):
         min_new_tokens = max_new_tokens
+    default = limits.sampling_defaults
+    temperature = _float(params, "temperature", 0.0, MAX_TEMPERATURE)
+    top_p = _float(params, "top_p", 0.0, 1.0, lo_open=True)
+    top_k = _int(params, "top_k", 0, MAX_TOP_K)
+    repetition_penalty = _float(params, "repetition_penalty", 0.0, 10.0, lo_open=True)
     sampling = SamplingParams(
         max_new_tokens=max_new_tokens,
         min_new_tokens=min_new_tokens,
-        temperature=_float(params, "temperature", 0.0, MAX_TEMPERATURE) or 0.0,
-        top_p=_float(params, "top_p", 0.0, 1.0, lo_open=True) or 1.0,
-        top_k=_int(params, "top_k", 0, MAX_TOP_K) or 0,
-        repetition_penalty=_float(params, "repetition_penalty", 0.0, 10.0, lo_open=True) or 1.0,
+        temperature=default.temperature if temperature is None else temperature,
+        top_p=default.top_p if top_p is None else top_p,
+        top_k=default.top_k if top_k is None else top_k,
+        repetition_penalty=(
+            default.repetition_penalty if repetition_penalty is None else repetition_penalty
+        ),
         seed=_int(params, "seed", 0, MAX_SEED),
     )
     return sampling, _pixel_budget(params, limits)

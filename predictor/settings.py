@@ -24,6 +24,7 @@ DEFAULT_PROMPT = "Describe this image."
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 DEVICES = ("auto", "cuda", "cpu")
 QUANTIZATIONS = ("none", "4bit", "8bit")
+GENERATION_CONFIGS = ("auto", "none")
 MIB = 1024 * 1024
 
 
@@ -40,6 +41,7 @@ class Settings:
     quantization: str = "none"
     attn_implementation: str | None = None
     default_prompt: str = DEFAULT_PROMPT
+    generation_config: str = "auto"
     max_new_tokens: int = 128
     max_new_tokens_limit: int = 1024
     # 1280 x 28 x 28, the budget Qwen's model cards suggest: ~1000 visual tokens per image.
@@ -361,6 +363,13 @@ def build_parser(parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.Ar
         "--default_prompt",
         default=_env("default_prompt", d.default_prompt),
         help="prompt used for images sent without a `prompt` input",
+    )
+    requests.add_argument(
+        "--generation_config",
+        choices=GENERATION_CONFIGS,
+        default=_env("generation_config", d.generation_config),
+        help="sampling defaults for requests that set none: auto (the checkpoint's "
+        "generation_config.json, as vLLM) or none (greedy); a request's own values always win",
     )
     for name, help_text in (
         ("max_new_tokens", "tokens generated per image when a request does not say"),

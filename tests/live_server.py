@@ -20,7 +20,8 @@ STARTUP_TIMEOUT_S = 180
 
 
 def infer_body(picture: bytes, max_new_tokens: int) -> dict:
-    """An OIP v2 JSON body describing one encoded image."""
+    """An OIP v2 JSON body describing one encoded image, greedily: said explicitly, since a
+    server left to the checkpoint's defaults (`--generation_config auto`) may sample."""
     return {
         "inputs": [
             {
@@ -30,7 +31,7 @@ def infer_body(picture: bytes, max_new_tokens: int) -> dict:
                 "data": [base64.b64encode(picture).decode()],
             }
         ],
-        "parameters": {"max_new_tokens": max_new_tokens},
+        "parameters": {"max_new_tokens": max_new_tokens, "temperature": 0},
     }
 
 

@@ -50,8 +50,13 @@ def reference_greedy(generator: Generator, row: Row) -> str:
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     inputs = processor(text=[text], images=list(row.images), return_tensors="pt")
     with torch.inference_mode():
+        # Every value said: generate would fill the rest from the checkpoint's
+        # generation_config.json (Qwen2.5-VL's repetition_penalty 1.05).
         output = model.generate(
-            **inputs, max_new_tokens=row.sampling.max_new_tokens, do_sample=False
+            **inputs,
+            max_new_tokens=row.sampling.max_new_tokens,
+            do_sample=False,
+            repetition_penalty=row.sampling.repetition_penalty,
         )
     new = output[0, inputs["input_ids"].shape[1] :].tolist()
     stops = generator.stop_token_ids

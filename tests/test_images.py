@@ -126,3 +126,55 @@ def test_prepare_image_lands_on_the_processor_size(data: bytes, shown_size) -> N
     slow = fit_to_budget(full, budget, factor)
     difference = sum(abs(a - b) for a, b in zip(prepared.tobytes(), slow.tobytes(), strict=True))
     assert difference / len(slow.tobytes()) < 8
+
+
+def _processor_grids() -> list[tuple[str, int, int]]:
+    """(family, width, height): sizes from tiny to 12 MP, square to 1:200, both ways round."""
+    shapes = set()
+    for short in (10, 13, 28, 29, 97, 480, 1000):
+        for ratio in (1, 1.5, 3.3, 10, 57, 200):
+            long = round(short * ratio)
+            if short * long <= 12_000_000:
+                shapes.update({(long, short), (short, long)})
+    return [(f, w, h) for f in ("qwen3-vl", "qwen2.5-vl", "qwen2-vl") for w, h in sorted(shapes)]
+
+
+@pytest.fixture(scope="module")
+def image_processors() -> dict:
+    """Each family's image processor, from its real preprocessor_config.json."""
+    from transformers import Qwen2VLImageProcessor
+
+    from hack.make_tiny_model import PREPROCESSOR_CONFIGS
+
+    return {
+        family: Qwen2VLImageProcessor(
+            **{k: v for k, v in config.items() if not k.endswith(("processor_class", "type"))}
+        )
+        for family, config in PREPROCESSOR_CONFIGS.items()
+    }
+
+
+def _processor_grid(processor, size: tuple[int, int], budget: PixelBudget) -> list[int]:
+    limits = {"shortest_edge": budget.min_pixels, "longest_edge": budget.max_pixels}
+    out = processor(images=[Image.new("RGB", size)], size=limits, return_tensors="pt")
+    return out["image_grid_thw"][0].tolist()
+
+
+@pytest.mark.parametrize(("family", "width", "height"), _processor_grids())
+def test_target_size_is_the_image_processors_own(image_processors, family, width, height) -> None:
+    """The server resizes every accepted shape to the grid the checkpoint's processor picks
+    from the full image, at the checkpoint's budget and at the server's capped one."""
+    processor = image_processors[family]
+    factor = processor.patch_size * processor.merge_size
+    checkpoint = PixelBudget(processor.size["shortest_edge"], processor.size["longest_edge"])
+    for budget in (checkpoint, PixelBudget(checkpoint.min_pixels, 1_003_520)):
+        new_width, new_height = target_size(width, height, budget, factor)
+        grid = [1, new_height // processor.patch_size, new_width // processor.patch_size]
+        assert grid == _processor_grid(processor, (width, height), budget), budget
+
+
+def test_a_1000x10_image_on_qwen2_5_vl_gets_the_processors_grid(image_processors) -> None:
+    processor = image_processors["qwen2.5-vl"]
+    budget = PixelBudget(3136, 1_003_520)
+    assert target_size(1000, 10, budget, 28) == (560, 28)  # qwen-vl-utils: (1008, 28)
+    assert _processor_grid(processor, (1000, 10), budget) == [1, 2, 40]

@@ -67,14 +67,16 @@ def test_chat_completion_for_a_data_url_image(client: openai.OpenAI) -> None:
 
 
 def test_streaming_matches_the_plain_answer(client: openai.OpenAI) -> None:
+    # temperature 0 said explicitly: the checkpoint's own defaults sample.
     plain = client.chat.completions.create(
-        model="gpt-4o-mini", messages=[user_turn(DATA_URL)], max_tokens=12
+        model="gpt-4o-mini", messages=[user_turn(DATA_URL)], max_tokens=12, temperature=0
     )
     chunks = list(
         client.chat.completions.create(
             model="gpt-4o-mini",
             messages=[user_turn(DATA_URL)],
             max_tokens=12,
+            temperature=0,
             stream=True,
             stream_options={"include_usage": True},
         )
@@ -100,14 +102,14 @@ def test_raw_stream_ends_with_done(server: LiveServer) -> None:
 def test_stop_string_cuts_the_text(client: openai.OpenAI) -> None:
     full = (
         client.chat.completions.create(
-            model="qwen-vl", messages=[user_turn(DATA_URL)], max_tokens=12
+            model="qwen-vl", messages=[user_turn(DATA_URL)], max_tokens=12, temperature=0
         )
         .choices[0]
         .message.content
     )
     stop = full[3:5]
     cut = client.chat.completions.create(
-        model="qwen-vl", messages=[user_turn(DATA_URL)], max_tokens=12, stop=[stop]
+        model="qwen-vl", messages=[user_turn(DATA_URL)], max_tokens=12, stop=[stop], temperature=0
     )
     assert cut.choices[0].message.content == full[: full.index(stop)]
     assert cut.choices[0].finish_reason == "stop"
@@ -152,6 +154,10 @@ def test_several_images_and_turns(client: openai.OpenAI) -> None:
         ({"logprobs": True}, "logprobs"),
         ({"messages": [user_turn(DATA_URL, DATA_URL, DATA_URL, DATA_URL)]}, "messages"),
         ({"messages": [{"role": "user", "content": "no image here"}]}, "messages"),
+        (
+            {"messages": [user_turn(DATA_URL), {"role": "system", "content": "Answer in French."}]},
+            "messages[1]",
+        ),
     ],
     ids=[
         "bad-base64",
@@ -165,6 +171,7 @@ def test_several_images_and_turns(client: openai.OpenAI) -> None:
         "unsupported-parameter",
         "too-many-images",
         "no-image",
+        "system-message-the-template-drops",
     ],
 )
 def test_bad_requests_are_bad_request_errors(

@@ -77,7 +77,8 @@ def test_request_id_prompts_and_data_urls(server: LiveServer) -> None:
             image_tensor([B64, f"data:image/jpeg;base64,{B64}"]),
             {"name": "prompt", "datatype": "BYTES", "shape": [1], "data": ["What is it?"]},
         ],
-        "parameters": {"max_new_tokens": 4},
+        # Greedy said explicitly: the checkpoint's own defaults sample (--generation_config auto).
+        "parameters": {"max_new_tokens": 4, "temperature": 0},
     }
     response = infer(server, body)
     assert response.status_code == 200, response.text
@@ -113,10 +114,9 @@ def test_tritonclient_http_batch_of_three(server: LiveServer, binary: bool) -> N
 def test_binary_and_json_give_the_same_greedy_text(server: LiveServer) -> None:
     image = triton_http.InferInput("image", [1], "BYTES")
     image.set_data_from_numpy(np.array([JPEG], dtype=object), binary_data=True)
-    binary = triton_client(server).infer(
-        server.model_name, [image], parameters={"max_new_tokens": 6}
-    )
-    plain = infer(server, {"inputs": [image_tensor([B64])], "parameters": {"max_new_tokens": 6}})
+    greedy = {"max_new_tokens": 6, "temperature": 0}  # the checkpoint's defaults sample
+    binary = triton_client(server).infer(server.model_name, [image], parameters=greedy)
+    plain = infer(server, {"inputs": [image_tensor([B64])], "parameters": greedy})
     assert binary.as_numpy("text")[0].decode() == outputs(plain)["text"][0]
 
 

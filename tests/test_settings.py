@@ -54,6 +54,17 @@ def test_inconsistent_limits_are_refused(argv: tuple[str, ...]) -> None:
 def test_choices_are_enforced() -> None:
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--quantization", "2bit"])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--generation_config", "greedy"])
+
+
+def test_generation_config_defaults_to_auto_and_has_its_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert parse().generation_config == "auto"
+    monkeypatch.setenv("QWEN_VL_GENERATION_CONFIG", "none")
+    assert parse().generation_config == "none"
+    assert parse("--generation_config", "auto").generation_config == "auto"
 
 
 def test_grpc_limits_are_raised_to_fit_the_largest_request() -> None:

@@ -18,6 +18,7 @@ from typing import Any
 from kserve.errors import ModelNotReady
 from pydantic import ValidationError
 
+from predictor.chat_template import TemplateCheck
 from predictor.engine import Reservation
 from predictor.errors import InvalidRequest
 from predictor.generation import Row
@@ -79,6 +80,18 @@ class ChatService:
         self.model = model  # the loaded QwenVLModel: engine, generator, limits, settings
         self.names = (model.name, *aliases)
         self.remote = remote
+        self._template_check: TemplateCheck | None = None  # made once the model is loaded
+
+    @property
+    def template_check(self) -> TemplateCheck:
+        if self._template_check is None:
+            generator = self.model.generator
+            self._template_check = TemplateCheck(
+                lambda messages: generator.processor.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=True
+                )
+            )
+        return self._template_check
 
     @property
     def model_name(self) -> str:
@@ -172,6 +185,7 @@ class ChatService:
                 content.append({"type": "image"})
                 urls.append((field, part.image_url.url))
             converted.append({"role": message.role, "content": content})
+        self.template_check.check(converted)
         limit = self.model.settings.max_images_per_request
         if not urls:
             raise InvalidRequest("messages", "must contain at least one image_url part")
