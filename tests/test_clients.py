@@ -41,7 +41,9 @@ DATA_URL = f"data:image/jpeg;base64,{base64.b64encode(JPEG).decode()}"
 @pytest.fixture(scope="module")
 def server(tiny_qwen3_vl: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     log = tmp_path_factory.mktemp("clients") / "server.log"
-    with start_server(tiny_qwen3_vl, log, "--enable_docs_url", "true") as live:
+    # Greedy unless a request says otherwise: these tests compare clients, not defaults.
+    args = ("--enable_docs_url", "true", "--generation_config", "none")
+    with start_server(tiny_qwen3_vl, log, *args) as live:
         yield live
 
 

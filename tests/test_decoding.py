@@ -148,8 +148,9 @@ def test_running_out_of_memory_while_joining_leaves_the_running_rows_as_they_wer
 
 
 def first_new_token(tokens: list[int]) -> int:
-    """The index of a token that does not occur before it (past the first two)."""
-    return next(k for k in range(2, len(tokens)) if tokens[k] not in tokens[:k])
+    """The index of a token that does not occur before it, past the first (so the row has
+    some text before it stops; a random tiny model may repeat one token after its first)."""
+    return next(k for k in range(1, len(tokens)) if tokens[k] not in tokens[:k])
 
 
 @pytest.mark.parametrize("path", ["running batch", "generate"])

@@ -24,7 +24,10 @@ from tests.live_server import LiveServer, infer_body, start_server
 
 pytestmark = pytest.mark.slow
 LONG = 2000  # tokens: a few seconds on the tiny model, long enough to be running at SIGTERM
-ARGS = ("--max_new_tokens_limit", "4000", "--max_batch_size", "16")
+ARGS = (
+    "--max_new_tokens_limit", "4000", "--max_batch_size", "16",
+    "--generation_config", "none",  # greedy: every row runs to its token limit
+)  # fmt: skip
 LAYOUTS = {
     "in-process": ("--engine_process", "false"),
     "engine-process": ("--engine_process", "true"),

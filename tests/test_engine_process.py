@@ -30,7 +30,10 @@ from tests import images
 from tests.live_server import LiveServer, infer_body, start_server
 
 pytestmark = pytest.mark.slow
-ENGINE_ARGS = ("--engine_process", "true", "--max_new_tokens_limit", "4000")
+ENGINE_ARGS = (
+    "--engine_process", "true", "--max_new_tokens_limit", "4000",
+    "--generation_config", "none",  # greedy: answers are compared across requests
+)  # fmt: skip
 
 
 def engine_process(server: LiveServer) -> psutil.Process:

@@ -34,6 +34,7 @@ def server(tiny_qwen3_vl: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         "--served_model_aliases", "gpt-4o-mini",
         "--max_images_per_request", "3",
         "--batch_wait_ms", "300",  # wide enough for the mixed-protocol batching test
+        "--generation_config", "none",  # greedy unless a request says otherwise
     )  # fmt: skip
     with start_server(tiny_qwen3_vl, log, *args) as live:
         yield live
@@ -208,7 +209,8 @@ def test_vllm_sampling_and_processor_fields_reach_the_engine(
         greedy.choices[0].message.content
     )
     # A smaller pixel budget resizes the image to fewer patches: fewer prompt tokens.
-    small = ask(mm_processor_kwargs={"max_pixels": 28 * 28 * 16})
+    # (Both bounds: the checkpoint's own min_pixels is above this max.)
+    small = ask(mm_processor_kwargs={"min_pixels": 32 * 32 * 4, "max_pixels": 28 * 28 * 16})
     assert small.usage.prompt_tokens < greedy.usage.prompt_tokens
     big = ask(mm_processor_kwargs={"min_pixels": 500_000, "max_pixels": 600_000})
     assert big.usage.prompt_tokens > greedy.usage.prompt_tokens

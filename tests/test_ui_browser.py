@@ -65,7 +65,9 @@ def server(
     browser: object, tiny_qwen3_vl: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LiveServer]:
     log = tmp_path_factory.mktemp("ui") / "server.log"
-    with start_server(tiny_qwen3_vl, log, "--max_new_tokens_limit", str(LONG_TOKENS)) as live:
+    # Greedy unless the page says otherwise: the downloads are compared with describe's.
+    args = ("--max_new_tokens_limit", str(LONG_TOKENS), "--generation_config", "none")
+    with start_server(tiny_qwen3_vl, log, *args) as live:
         yield live
 
 
@@ -378,7 +380,10 @@ def test_an_error_in_the_middle_of_a_stream_is_shown_with_the_servers_message(
     and the page shows its message."""
     picture = tmp_path / "long.png"
     picture.write_bytes(images.encode(images.gradient((128, 96)), "PNG"))
-    args = ("--max_new_tokens_limit", str(LONG_TOKENS), "--request_timeout_s", "1")
+    args = (
+        "--max_new_tokens_limit", str(LONG_TOKENS), "--request_timeout_s", "1",
+        "--generation_config", "none",
+    )  # fmt: skip
     with start_server(tiny_qwen3_vl, tmp_path / "server.log", *args) as server:
         page = browser.new_page()
         try:

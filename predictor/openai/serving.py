@@ -77,7 +77,7 @@ class ChatService:
     """Everything the chat routes do that is not HTTP."""
 
     def __init__(self, model: Any, aliases: tuple[str, ...], remote: RemotePolicy):
-        self.model = model  # the loaded QwenVLModel: engine, generator, limits, settings
+        self.model = model  # the loaded QwenVLModel: engine, preprocessor, limits, settings
         self.names = (model.name, *aliases)
         self.remote = remote
         self._template_check: TemplateCheck | None = None  # made once the model is loaded
@@ -85,7 +85,7 @@ class ChatService:
     @property
     def template_check(self) -> TemplateCheck:
         if self._template_check is None:
-            generator = self.model.generator
+            generator = self.model.preprocessor  # the processor, in either process layout
             self._template_check = TemplateCheck(
                 lambda messages: generator.processor.apply_chat_template(
                     messages, tokenize=False, add_generation_prompt=True
