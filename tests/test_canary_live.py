@@ -68,7 +68,12 @@ ROOT = Path(__file__).resolve().parent.parent
 CANARY_CLI = ROOT / "hack" / "canary.py"
 CHEAP, SLOW, HUGE = 4, 150, 3000  # max_new_tokens: ~0.05 s, ~0.6 s, far past the 4 s timeout
 STABLE_ARGS = ("--max_new_tokens_limit", "4000")
-CANARY_ARGS = (*STABLE_ARGS, "--max_queue_size", "1", "--request_timeout_s", "4")
+# One batch slot and a one-request queue: capacity 2 (free slots count), so concurrent load
+# meets 503s.
+CANARY_ARGS = (
+    *STABLE_ARGS,
+    "--max_batch_size", "1", "--max_queue_size", "1", "--request_timeout_s", "4",
+)  # fmt: skip
 # Test-sized limits: small windows carry tens of requests, not thousands.
 THRESHOLDS = (
     "--min-requests", "10",
@@ -227,7 +232,7 @@ def test_canary_with_server_errors_fails_on_errors(stack: Stack) -> None:
         stack,
         [
             Stream(fixed("stable", stack.stable.infer_url, CHEAP)),
-            # Concurrent load meets the canary's one-request queue: 503s.
+            # Concurrent load meets the canary's one slot and one-request queue: 503s.
             Stream(fixed("canary", stack.canary.infer_url, 16), clients=4),
             # Long generations run past its 4 s request timeout: 504s.
             Stream(fixed("canary", stack.canary.infer_url, HUGE)),
