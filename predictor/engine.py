@@ -48,6 +48,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
@@ -67,9 +68,10 @@ DECODING_WAIT_S = 0.5
 
 
 class Reservation:
-    """A place in the queue held while a request decodes its images; release exactly once."""
+    """A place in the queue held while a request decodes its images; release exactly once.
+    (`Engine` and `engine_client.RemoteEngine` both hand these out: anything with `_release`.)"""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Any):
         self._engine = engine
         self._held = True
 

@@ -29,7 +29,7 @@ from typing import Any
 import torch.multiprocessing as torch_mp  # registers shared-memory reductions for tensors
 
 from predictor import engine_core, metrics
-from predictor.engine import EngineConfig
+from predictor.engine import EngineConfig, Reservation  # one Reservation for both engines
 from predictor.errors import (
     DeadlineExceeded,
     EngineUnavailable,
@@ -45,19 +45,6 @@ logger = logging.getLogger(__name__)
 
 STARTUP_POLL_S = 0.5
 STOP_TIMEOUT_S = 10.0
-
-
-class Reservation:
-    """A place held while a request decodes its images; release exactly once."""
-
-    def __init__(self, engine: RemoteEngine):
-        self._engine = engine
-        self._held = True
-
-    def release(self) -> None:
-        if self._held:
-            self._held = False
-            self._engine._release()
 
 
 @dataclass(eq=False)

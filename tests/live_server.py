@@ -35,6 +35,20 @@ def infer_body(picture: bytes, max_new_tokens: int) -> dict:
     }
 
 
+def full_length_picture(server: LiveServer, tokens: int = 150) -> bytes:
+    """A small JPEG the random model describes to `tokens` tokens without ending its turn
+    (it rarely ends early, but may), for tests that need a request to keep running."""
+    from tests import images
+
+    for color in ((200, 40, 40), (40, 200, 40), (40, 40, 200), (128, 128, 128), (0, 0, 0)):
+        picture = images.jpeg(color=color)
+        reply = httpx.post(server.infer_url, json=infer_body(picture, tokens), timeout=60).json()
+        finish = next(o for o in reply["outputs"] if o["name"] == "finish_reason")["data"][0]
+        if finish == "length":
+            return picture
+    raise RuntimeError(f"no test image ran to {tokens} tokens")
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))

@@ -29,11 +29,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
 from predictor.canary import cli as canary_cli
-from tests import images
 from tests.canary_support import clusters
 from tests.canary_support.prometheus_server import (
     SCRAPE_INTERVAL_S,
@@ -47,12 +45,11 @@ from tests.canary_support.traffic import (
     Stream,
     drive,
     fixed,
-    infer_body,
     knative_share,
     pool_share,
     weighted,
 )
-from tests.live_server import LiveServer, start_server
+from tests.live_server import LiveServer, full_length_picture, start_server
 
 PROMETHEUS = prometheus_binary()
 pytestmark = [
@@ -113,17 +110,6 @@ def targets(stable: LiveServer, canary: LiveServer) -> list[Target]:
     ]
 
 
-def long_picture(server: LiveServer) -> bytes:
-    """An image the random model answers at full length (it rarely ends early, but may)."""
-    for color in ((200, 40, 40), (40, 200, 40), (40, 40, 200), (128, 128, 128)):
-        picture = images.jpeg(color=color)
-        reply = httpx.post(server.infer_url, json=infer_body(picture, 64), timeout=60).json()
-        finish = next(o for o in reply["outputs"] if o["name"] == "finish_reason")["data"][0]
-        if finish == "length":
-            return picture
-    pytest.fail("no test image ran to its token limit")
-
-
 @contextlib.contextmanager
 def both(*managers: contextlib.AbstractContextManager) -> Iterator[list]:
     """Enter context managers at once (two predictors load in parallel), exit them all."""
@@ -154,7 +140,7 @@ def stack(tiny_qwen3_vl: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
             start_prometheus(PROMETHEUS, targets(stable, canary), work / "prom")
         )
         prom.wait_for_samples("count(up == 1) == 4")
-        yield Stack(stable, canary, prom, long_picture(stable))
+        yield Stack(stable, canary, prom, full_length_picture(stable, 64))
 
 
 def cli(stack: Stack, *args: str) -> subprocess.CompletedProcess:

@@ -19,8 +19,7 @@ import pytest
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
 
-from tests import images
-from tests.live_server import LiveServer, infer_body, start_server
+from tests.live_server import LiveServer, full_length_picture, infer_body, start_server
 
 pytestmark = pytest.mark.slow
 LONG = 2000  # tokens: a few seconds on the tiny model, long enough to be running at SIGTERM
@@ -38,17 +37,6 @@ LAYOUTS = {
 def layout(request: pytest.FixtureRequest) -> tuple[str, ...]:
     """The server's flags for each process layout; the drain must hold in both."""
     return LAYOUTS[request.param]
-
-
-def long_picture(server: LiveServer) -> bytes:
-    """An image the random model describes to its token limit."""
-    for color in ((200, 40, 40), (40, 200, 40), (40, 40, 200), (128, 128, 128), (0, 0, 0)):
-        picture = images.jpeg(color=color)
-        reply = httpx.post(server.infer_url, json=infer_body(picture, 150), timeout=60).json()
-        finish = next(o for o in reply["outputs"] if o["name"] == "finish_reason")["data"][0]
-        if finish == "length":
-            return picture
-    pytest.fail("no test image ran to its token limit")
 
 
 def v2_client(server: LiveServer, picture: bytes) -> Callable[[], tuple]:
@@ -149,7 +137,7 @@ def test_sigterm_loses_no_accepted_request(
     tiny_qwen3_vl: Path, tmp_path: Path, layout: tuple[str, ...]
 ) -> None:
     with start_server(tiny_qwen3_vl, tmp_path / "server.log", *ARGS, *layout) as server:
-        picture = long_picture(server)
+        picture = full_length_picture(server)
         children = psutil.Process(server.process.pid).children(recursive=True)
         calls = [
             make(server, picture)
@@ -184,7 +172,7 @@ def test_past_the_drain_timeout_requests_end_with_503(
 ) -> None:
     args = (*ARGS, *layout, "--drain_timeout_s", "0.5")
     with start_server(tiny_qwen3_vl, tmp_path / "server.log", *args) as server:
-        picture = long_picture(server)
+        picture = full_length_picture(server)
         calls = [make(server, picture) for make in (v2_client, grpc_client, stream_client)]
         threads, results = run_all(calls)
         wait_running(server, len(calls))

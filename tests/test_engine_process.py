@@ -27,7 +27,7 @@ from predictor.loading import load_model
 from predictor.params import SamplingParams
 from predictor.settings import Settings
 from tests import images
-from tests.live_server import LiveServer, infer_body, start_server
+from tests.live_server import LiveServer, full_length_picture, infer_body, start_server
 
 pytestmark = pytest.mark.slow
 ENGINE_ARGS = (
@@ -74,17 +74,6 @@ def chat_body(picture: bytes, max_tokens: int, stream: bool) -> dict:
             }
         ],
     }
-
-
-def long_picture(server: LiveServer) -> bytes:
-    """An image the random model does not end early (it rarely emits its end-of-turn token)."""
-    for color in ((200, 40, 40), (40, 200, 40), (40, 40, 200), (128, 128, 128), (0, 0, 0)):
-        picture = images.jpeg(color=color)
-        reply = httpx.post(server.infer_url, json=infer_body(picture, 150), timeout=60).json()
-        finish = next(o for o in reply["outputs"] if o["name"] == "finish_reason")["data"][0]
-        if finish == "length":
-            return picture
-    pytest.fail("no test image ran to its token limit")
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +147,7 @@ def test_streamed_deltas_join_to_the_plain_answer(server: LiveServer) -> None:
 
 
 def test_a_client_that_leaves_frees_its_slot_in_the_engine(server: LiveServer) -> None:
-    picture = long_picture(server)
+    picture = full_length_picture(server)
     with pytest.raises(httpx.TimeoutException):
         httpx.post(server.infer_url, json=infer_body(picture, 3500), timeout=2)
     deadline = time.monotonic() + 10
@@ -172,7 +161,7 @@ def test_a_killed_engine_makes_the_server_not_ready_and_fails_its_requests(
     tiny_qwen3_vl: Path, tmp_path: Path
 ) -> None:
     with start_server(tiny_qwen3_vl, tmp_path / "server.log", *ENGINE_ARGS) as live:
-        picture = long_picture(live)
+        picture = full_length_picture(live)
         answers: list[httpx.Response | BaseException] = []
 
         def long_request() -> None:

@@ -14,8 +14,7 @@ from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests import images
-from tests.live_server import LiveServer, infer_body, start_server
+from tests.live_server import LiveServer, full_length_picture, infer_body, start_server
 
 pytestmark = pytest.mark.slow
 LONG = 3500  # tokens: tens of seconds of generation on the tiny model
@@ -36,14 +35,7 @@ def server(tiny_qwen3_vl: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
 @pytest.fixture(scope="module")
 def long_picture(server: LiveServer) -> bytes:
-    """An image the random model does not end early (it rarely emits its end-of-turn token)."""
-    for color in ((200, 40, 40), (40, 200, 40), (40, 40, 200), (128, 128, 128), (0, 0, 0)):
-        picture = images.jpeg(color=color)
-        reply = httpx.post(server.infer_url, json=infer_body(picture, 150), timeout=60).json()
-        finish = next(o for o in reply["outputs"] if o["name"] == "finish_reason")["data"][0]
-        if finish == "length":
-            return picture
-    pytest.fail("no test image ran to its token limit")
+    return full_length_picture(server)
 
 
 def gauges(server: LiveServer) -> dict[str, float]:
