@@ -132,9 +132,11 @@ class InProcessWorker:
     measures; pairing several servers with several such processes averages that out.
     """
 
-    def __init__(self, model_dir: Path, picture: Path, tokens: int, cpu_threads: int):
+    def __init__(
+        self, model_dir: Path, picture: Path, tokens: int, cpu_threads: int, dtype: str = "auto"
+    ):
         command = [sys.executable, __file__, "--p1-worker", str(model_dir), str(picture)]
-        command += [str(tokens), str(cpu_threads)]
+        command += [str(tokens), str(cpu_threads), dtype]
         self.process = subprocess.Popen(
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
         )
@@ -167,7 +169,7 @@ class InProcessWorker:
         self.process.wait(timeout=30)
 
 
-def p1_worker(model_dir: str, picture_path: str, tokens: str, cpu_threads: str) -> None:
+def p1_worker(model_dir: str, picture_path: str, tokens: str, cpu_threads: str, dtype: str) -> None:
     """The loop behind `InProcessWorker` (`--p1-worker`): one line in, one line out."""
     from predictor.decoding import RunningBatch
     from predictor.generation import Generator, Row
@@ -176,7 +178,9 @@ def p1_worker(model_dir: str, picture_path: str, tokens: str, cpu_threads: str) 
     from predictor.params import SamplingParams
     from predictor.settings import Settings
 
-    settings = Settings(model_dir=model_dir, device="cpu", cpu_threads=int(cpu_threads))
+    settings = Settings(
+        model_dir=model_dir, device="cpu", cpu_threads=int(cpu_threads), dtype=dtype
+    )
     loaded = load_model(settings)
     generator = Generator(loaded.model, loaded.processor)
     limits = ImageLimits(settings.max_image_bytes, settings.max_decoded_pixels)
@@ -221,6 +225,7 @@ def bench_p1(
     processes: int,
     pairs: int,
     cpu_threads: int = 0,
+    dtype: str = "auto",
 ) -> dict:
     """REST vs in-process latency for one request at a time: `pairs` interleaved pairs
     against each of `processes` fresh servers, each beside a fresh in-process worker; the
@@ -238,7 +243,15 @@ def bench_p1(
     os.sched_setaffinity(0, {max(allowed)})  # servers and workers started below inherit it
     try:
         rest_runs, in_process_runs, decode_runs, generate_runs = _p1_pairs(
-            servers, model_dir, picture_path, payload, tokens, processes, pairs, cpu_threads
+            servers,
+            model_dir,
+            picture_path,
+            payload,
+            tokens,
+            processes,
+            pairs,
+            cpu_threads,
+            dtype,
         )
     finally:
         os.sched_setaffinity(0, allowed)
@@ -290,6 +303,7 @@ def _p1_pairs(
     processes: int,
     pairs: int,
     cpu_threads: int,
+    dtype: str,
 ) -> tuple[list[float], list[float], list[float], list[float]]:
     """(REST ms, in-process ms, in-process decode ms, transformers' generate ms) runs."""
     rest_runs: list[float] = []
@@ -299,7 +313,7 @@ def _p1_pairs(
     for index in range(processes):
         with servers(index) as server:
             client = InferClient(server.infer_url)
-            worker = InProcessWorker(model_dir, picture_path, tokens, cpu_threads)
+            worker = InProcessWorker(model_dir, picture_path, tokens, cpu_threads, dtype)
 
             def rest(client: InferClient = client) -> None:
                 status, reply = client.post(payload)
@@ -430,6 +444,66 @@ def bench_p2(
     }
 
 
+def bench_engine_alone(
+    model_dir: Path, pictures: list[bytes], tokens: int, per_client: int, rounds: int, flags: dict
+) -> dict:
+    """P2's ratio for the engine by itself: rows already decoded and encoded (vision encoder
+    run), submitted by 1 and by 16 closed-loop callers in this process, no HTTP and no image
+    work. What batching can give on this machine at best, printed beside P2 and P2s: the
+    server's ratio is this minus what its request path costs."""
+    from predictor.engine import Engine, EngineConfig
+    from predictor.generation import Generator, Row
+    from predictor.images import ImageLimits, prepare_image
+    from predictor.loading import load_model
+    from predictor.params import SamplingParams
+    from predictor.settings import Settings
+
+    settings = Settings(model_dir=str(model_dir), device="cpu", **flags)
+    loaded = load_model(settings)
+    generator = Generator(loaded.model, loaded.processor)
+    limits = ImageLimits(settings.max_image_bytes, settings.max_decoded_pixels)
+    sampling = SamplingParams(max_new_tokens=tokens)
+    rows = []
+    for picture in pictures:
+        image = prepare_image(
+            picture, limits, "image", generator.default_budget, generator.resize_factor
+        )
+        row = Row.single(image, settings.default_prompt, sampling)
+        rows.append(replace(row, inputs=generator.encode(row)))
+    engine = Engine(generator, "engine-alone", EngineConfig(max_batch_size=16))
+
+    async def closed_loop(clients: int) -> float:
+        async def client(index: int) -> None:
+            for turn in range(per_client):
+                await engine.submit([rows[(index + turn) % len(rows)]])
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client(i) for i in range(clients)))
+        return clients * per_client / (time.perf_counter() - started)
+
+    try:
+        asyncio.run(closed_loop(16))  # warm up (vision graphs are already traced)
+        ratios, rates_1, rates_16 = [], [], []
+        for _ in range(rounds):
+            rates_1.append(asyncio.run(closed_loop(1)))
+            rates_16.append(asyncio.run(closed_loop(16)))
+            ratios.append(rates_16[-1] / rates_1[-1])
+    finally:
+        engine.stop()
+    ratio = statistics.median(ratios)
+    print(
+        f"    the engine alone, rows already encoded, {tokens} tokens: 16 callers / 1: "
+        f"{ratio:.2f} ({statistics.median(rates_16):.2f} vs {statistics.median(rates_1):.2f} "
+        f"requests/s): the most batching gives on this machine"
+    )
+    return {
+        "ratio": ratio,
+        "round_ratios": ratios,
+        "rps_16": statistics.median(rates_16),
+        "rps_1": statistics.median(rates_1),
+    }
+
+
 # ---- P3: image path ---------------------------------------------------------------------
 
 
@@ -548,7 +622,12 @@ def _rejections(
 
 
 def bench_overload(
-    model_dir: Path, log_dir: Path, pictures: list[bytes], queue: int, bursts: int = 3
+    model_dir: Path,
+    log_dir: Path,
+    pictures: list[bytes],
+    queue: int,
+    bursts: int = 3,
+    server_args: tuple[str, ...] = (),
 ) -> dict:
     """10x more clients than the queue holds, two ways.
 
@@ -559,7 +638,8 @@ def bench_overload(
     """
     from tests.live_server import start_server
 
-    args = ("--max_queue_size", str(queue), "--max_batch_size", str(queue), "--batch_wait_ms", "0")
+    args = (*server_args, "--max_queue_size", str(queue), "--max_batch_size", str(queue))
+    args += ("--batch_wait_ms", "0")
     clients = 10 * queue
     with start_server(model_dir, log_dir / "overload.log", *args) as server:
         short = infer_body(pictures[0], 48)
@@ -668,9 +748,14 @@ def cpu_run(args: argparse.Namespace) -> dict:
                 processes=2 if args.quick else 5,
                 pairs=4 if args.quick else 12,
                 cpu_threads=int(threads or 0),
+                dtype=_flag_value(args.server_arg, "--dtype") or "auto",
             )
             results["P2"] = bench_p2(
                 server, pictures, args.tokens, per_client=3, rounds=2 if args.quick else 5
+            )
+            flags = _engine_flags(args.server_arg)
+            results["P2_engine_alone"] = bench_engine_alone(
+                model_dir, pictures, args.tokens, per_client=3, rounds=3, flags=flags
             )
             side = SHORT_CAPTION_SIDE
             captions = full_length_pictures(server, SHORT_CAPTION_TOKENS, size=(side, side))
@@ -682,9 +767,14 @@ def cpu_run(args: argparse.Namespace) -> dict:
                 rounds=2 if args.quick else 5,
                 name="P2s",
             )
+            results["P2s_engine_alone"] = bench_engine_alone(
+                model_dir, captions, SHORT_CAPTION_TOKENS, per_client=6, rounds=3, flags=flags
+            )
         results["P3"] = bench_p3(model_dir, runs)  # a real Qwen3-VL's budget
         results["P3_tiny_budget"] = bench_p3(model_dir, runs, budget_pixels=262_144)
-        results["overload"] = bench_overload(model_dir, work, pictures, queue=4)
+        results["overload"] = bench_overload(
+            model_dir, work, pictures, queue=4, server_args=tuple(args.server_arg)
+        )
     return results
 
 
@@ -760,6 +850,18 @@ def _ttft_ms(generator, row) -> float:
     return median_ms(lambda: generator.describe([first]), 3)
 
 
+def _engine_flags(argv: list[str]) -> dict:
+    """The server flags that change the engine's own speed, as Settings fields, so that the
+    in-process figures run the model as the server does."""
+    flags: dict = {}
+    threads, dtype = _flag_value(argv, "--cpu_threads"), _flag_value(argv, "--dtype")
+    if threads:
+        flags["cpu_threads"] = int(threads)
+    if dtype:
+        flags["dtype"] = dtype
+    return flags
+
+
 def _flag_value(argv: list[str], flag: str) -> str | None:
     for index, item in enumerate(argv):
         if item == flag and index + 1 < len(argv):
@@ -792,7 +894,7 @@ def main() -> None:
         help="instead: Triton's perf_analyzer (REST and gRPC) and aiperf (streaming chat), "
         "concurrency 1 and 8 (hack/client_bench.py)",
     )
-    parser.add_argument("--p1-worker", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--p1-worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.p1_worker:
         p1_worker(*args.p1_worker)

@@ -3,15 +3,18 @@
 Why an ASGI middleware: under overload the server must answer 503 in milliseconds while the
 engine keeps one core busy. Routing, body parsing and KServe's exception handling cost a few
 milliseconds of Python per request, and a burst of refused clients queues behind each other
-in the one event loop. This check runs before all of that and before the body is read; the
-engine's own admission (`Engine.reserve`) stays the authority for requests that get through.
+in the one event loop. This check runs before all of that and before the body is read, and
+takes the request's place in the engine there (`admit` returns it; the request path takes it
+over, and it is released here if the request ends before reaching the engine), so a burst
+cannot pass the door faster than places are taken. gRPC requests, which have no door, take
+their place on the request path (`Engine.reserve`).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -25,6 +28,12 @@ _V2_INFER = re.compile(r"^/v2/models/(?P<name>[^/]+)(/versions/[^/]+)?/infer$")
 _CHAT = ("/openai/v1/chat/completions", "/v1/chat/completions")
 
 
+class Place(Protocol):
+    """A place in the engine's queue (`predictor.engine.Reservation`)."""
+
+    def release(self) -> None: ...
+
+
 class AdmissionMiddleware:
     """503 with Retry-After for inference POSTs while `admit()` raises `Unavailable`: the
     queue is full, the engine process died, or the server is draining."""
@@ -32,7 +41,7 @@ class AdmissionMiddleware:
     def __init__(
         self,
         app: ASGIApp,
-        admit: Callable[[], None],
+        admit: Callable[[], Place],
         model_name: str,
         draining: Callable[[], bool] = lambda: False,
     ):
@@ -50,10 +59,15 @@ class AdmissionMiddleware:
             v2 = _V2_INFER.match(path)
             if chat or (v2 and v2["name"] == self.model_name):
                 try:
-                    self.admit()
+                    place = self.admit()
                 except Unavailable as refusal:
                     await _refuse(send, refusal, chat)
                     return
+                try:
+                    await self.app(scope, receive, send)
+                finally:  # a no-op once the request path has handed it to the engine
+                    place.release()
+                return
         await self.app(scope, receive, send)
 
 

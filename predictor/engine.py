@@ -75,6 +75,10 @@ class Reservation:
         self._engine = engine
         self._held = True
 
+    @property
+    def held(self) -> bool:
+        return self._held
+
     def release(self) -> None:
         if self._held:
             self._held = False

@@ -26,7 +26,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import torch.multiprocessing as torch_mp  # registers shared-memory reductions for tensors
+import torch
+import torch.multiprocessing as torch_mp
 
 from predictor import engine_core, metrics
 from predictor.engine import EngineConfig, Reservation  # one Reservation for both engines
@@ -38,13 +39,19 @@ from predictor.errors import (
     Unavailable,
 )
 from predictor.generation import Row
+from predictor.preprocessing import EncodedRow
 from predictor.protocol import Completion
 from predictor.settings import Settings
+from predictor.tensor_transfer import PackedTensor, SharedArena, Span
 
 logger = logging.getLogger(__name__)
 
 STARTUP_POLL_S = 0.5
 STOP_TIMEOUT_S = 10.0
+# The region rows' pixel patches cross in (`predictor.tensor_transfer`): room for the batch and
+# the queue at this project's test sizes, and for a few 1 MP images (about 12 MB each in
+# bfloat16, 24 MB in float32); a row that finds no room travels inline instead.
+SHARED_ARENA_BYTES = 256 * 1024 * 1024
 
 
 @dataclass(eq=False)
@@ -81,11 +88,14 @@ class RemoteEngine:
         self._stopping = False
         self._refusal: Callable[[], Unavailable] | None = None  # new work refused (draining)
         self._closed: Callable[[], Unavailable] | None = None  # everything refused and ended
+        self._arena = SharedArena(SHARED_ARENA_BYTES)
+        self._spans: dict[int, list[Span]] = {}  # arena spans each request's rows hold
+        self._pixel_dtype: Any = None  # the core's model dtype: patches are cast to it here
         context = torch_mp.get_context("spawn")
         self._connection, child_end = context.Pipe(duplex=True)
         self.process = context.Process(
             target=engine_core.run,
-            args=(settings, child_end),
+            args=(settings, child_end, self._arena.buffer),
             name="qwen-vl-engine-core",
             daemon=True,
         )
@@ -113,6 +123,7 @@ class RemoteEngine:
         if message[0] != "ready":
             raise StartupError(f"the engine process failed to load: {message[3]}")
         self.info = message[1]
+        self._pixel_dtype = getattr(torch, self.info.get("dtype", "float32"))
         self.alive = True
         self._reader = threading.Thread(target=self._read, name="engine-reader", daemon=True)
         self._reader.start()
@@ -158,8 +169,10 @@ class RemoteEngine:
         pending = _Pending(loop, loop.create_future(), [row.on_text for row in rows])
         # The core encodes images and decodes; what it needs of a row is its tensors, its
         # conversation and its settings (images are already in the tensors).
-        sent = [replace(row, images=(), on_text=None) for row in rows]
+        sent = [replace(row, images=(), on_text=None, inputs=None) for row in rows]
         streams = [row.on_text is not None for row in rows]
+        spans: list[Span] = []
+        packed = [self._pack(row.inputs, spans) for row in rows]
         try:
             with self._lock:
                 if not self.alive:
@@ -170,12 +183,17 @@ class RemoteEngine:
                     self._refuse_if_full()
                 request_id = next(self._ids)
                 self._pending[request_id] = pending
+                self._spans[request_id] = spans
+                spans = []  # the core releases them now
             try:
-                self._send("submit", request_id, sent, streams, arrived)
+                self._send("submit", request_id, sent, packed, streams, arrived)
             except OSError:
                 self._forget(request_id)
+                self._release_spans(request_id)
                 raise EngineUnavailable() from None
         finally:
+            for span in spans:  # refused before sending
+                self._arena.free(span)
             if reservation is not None:
                 reservation.release()
         remaining = arrived + self.config.request_timeout_s - time.monotonic()
@@ -187,6 +205,24 @@ class RemoteEngine:
         except BaseException:  # cancelled (client gone) or failed: free its rows either way
             self._abort(request_id)
             raise
+
+    def _pack(self, inputs: EncodedRow | None, spans: list[Span]) -> dict | None:
+        """A row's processor tensors for the pipe: pixel patches (cast to the core's dtype,
+        which its vision encoder would do anyway) into the shared arena, the rest inline."""
+        if inputs is None:
+            return None
+        packed: dict[str, PackedTensor] = {}
+        for key, tensor in inputs.tensors.items():
+            if key == "pixel_values":
+                tensor = tensor.to(self._pixel_dtype)
+            packed[key] = self._arena.pack(tensor, spans, shared=key == "pixel_values")
+        return packed
+
+    def _release_spans(self, request_id: int) -> None:
+        with self._lock:
+            spans = self._spans.pop(request_id, [])
+        for span in spans:
+            self._arena.free(span)
 
     def _abort(self, request_id: int) -> None:
         if self._forget(request_id) is not None and self.alive:
@@ -236,6 +272,8 @@ class RemoteEngine:
                     else RuntimeError(detail)
                 )
                 pending.loop.call_soon_threadsafe(_resolve, pending.future, None, error)
+        elif kind == "released":  # the core has read the request's patches
+            self._release_spans(message[1])
         elif kind == "metrics":
             for name, method, value in message[1]:
                 if name in engine_core.FORWARDED_METRICS and method in ("observe", "inc"):
@@ -256,7 +294,9 @@ class RemoteEngine:
             self.alive = False
             held = list(self._pending.values())
             self._pending.clear()
+            self._spans.clear()
             stopping = self._stopping
+        self._arena.reset()  # nothing reads it any more
         self.process.join(timeout=1)
         detail = f"the engine process exited with {self.process.exitcode}"
         if not stopping:

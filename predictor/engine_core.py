@@ -10,15 +10,16 @@ processor's CPU work, admission, metrics) and sends prepared rows to this proces
 (`predictor.engine_client.RemoteEngine`), which runs the same `Engine` as the in-process
 layout.
 
-Transport: one duplex pipe from a `spawn` multiprocessing context, carrying pickled tuples.
-`torch.multiprocessing` registers reductions with the pickler the pipe uses, so a row's pixel
-patches (megabytes of floats for a 1 MP image) travel in shared memory and only a file
-descriptor crosses the pipe; everything else is small (token ids, text deltas, load figures).
-ZMQ with msgpack, as vLLM uses, would add a dependency and a tensor serialisation of our own
-for no gain at one front and one core on one host.
+Transport: one duplex pipe from a `spawn` multiprocessing context, carrying pickled tuples,
+and one shared-memory region mapped by both processes at spawn: a row's pixel patches
+(megabytes of floats for a 1 MP image) are copied into it once by the front and read in place
+here, and everything else is small and pickled (token ids, text deltas, load figures); see
+`predictor.tensor_transfer`. ZMQ with msgpack, as vLLM uses, would add a dependency and a
+tensor serialisation of our own for no gain at one front and one core on one host.
 
-Messages, front to core: ("submit", id, rows, streams, arrived), ("abort", id), ("stop",).
-Core to front: ("ready", info), ("text", id, row, delta), ("done", id, completions),
+Messages, front to core: ("submit", id, rows, packed tensors, streams, arrived), ("abort",
+id), ("stop",). Core to front: ("ready", info), ("released", id) once a request's pixel
+patches have been read, ("text", id, row, delta), ("done", id, completions),
 ("failed", id, kind, message), ("load", running rows, waiting requests, running requests),
 ("metrics", [(collector, method, value), ...]) every 0.1 s while the engine records any.
 
@@ -44,6 +45,7 @@ from typing import Any
 
 from predictor.errors import DeadlineExceeded
 from predictor.settings import Settings
+from predictor.tensor_transfer import SharedArena
 
 logger = logging.getLogger("predictor.engine_core")
 
@@ -64,15 +66,17 @@ FORWARDED_METRICS = (
 _PR_SET_PDEATHSIG = 1
 
 
-def run(settings: Settings, connection: Any) -> None:
-    """The core process's entry point (spawned by `RemoteEngine`)."""
+def run(settings: Settings, connection: Any, arena_buffer: Any) -> None:
+    """The core process's entry point (spawned by `RemoteEngine`), with the shared region
+    rows' pixel patches arrive in (`predictor.tensor_transfer`)."""
     _exit_with_parent()
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front decides when to stop
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _configure_logging()
     sys.setswitchinterval(0.001)
     try:
-        core = Core.load(settings, connection)
+        core = Core.load(settings, connection, SharedArena.attach(arena_buffer))
     except Exception as exc:  # reported to the front, which refuses to start
         logger.exception("engine core failed to load")
         with contextlib.suppress(OSError):
@@ -85,8 +89,9 @@ def run(settings: Settings, connection: Any) -> None:
 class Core:
     """Receives prepared rows, runs them through the engine, sends their tokens back."""
 
-    def __init__(self, engine: Any, generator: Any, connection: Any):
+    def __init__(self, engine: Any, generator: Any, connection: Any, arena: SharedArena):
         self.engine = engine
+        self.arena = arena
         self.generator = generator
         self.connection = connection
         self._send_lock = threading.Lock()
@@ -97,7 +102,7 @@ class Core:
         engine.on_load = self._report_load
 
     @classmethod
-    def load(cls, settings: Settings, connection: Any) -> Core:
+    def load(cls, settings: Settings, connection: Any, arena: SharedArena) -> Core:
         # Imported here: the front imports this module to name the process's target, and
         # should not pay for torch and transformers' model code twice.
         from predictor.engine import Engine, EngineConfig
@@ -121,11 +126,13 @@ class Core:
             request_timeout_s=settings.request_timeout_s,
         )
         engine = Engine(generator, settings.model_name, config)
-        core = cls(engine, generator, connection)
+        core = cls(engine, generator, connection, arena)
         threading.Thread(
             target=core._flush_metrics, args=(forwarded,), name="metrics", daemon=True
         ).start()
-        core.send("ready", {"device": str(generator.device), "continuous": engine.continuous})
+        dtype = str(generator.model.dtype).removeprefix("torch.")
+        info = {"device": str(generator.device), "continuous": engine.continuous, "dtype": dtype}
+        core.send("ready", info)
         return core
 
     def send(self, *message: Any) -> None:
@@ -149,17 +156,29 @@ class Core:
                 self.engine.stop()
                 return
 
-    def _admit(self, request_id: int, rows: list[Any], streams: list[bool], arrived: float):
+    def _admit(
+        self,
+        request_id: int,
+        rows: list[Any],
+        packed: list[dict | None],
+        streams: list[bool],
+        arrived: float,
+    ) -> None:
         """Encode a request's images (off the decode loop's thread) and queue its rows."""
         try:
-            prepared = [
-                replace(
-                    row,
-                    inputs=self.generator.encode_images(row.inputs),
-                    on_text=self._sink(request_id, index) if stream else None,
-                )
-                for index, (row, stream) in enumerate(zip(rows, streams, strict=True))
-            ]
+            try:
+                prepared = [
+                    replace(
+                        row,
+                        inputs=self._encoded(tensors),
+                        on_text=self._sink(request_id, index) if stream else None,
+                    )
+                    for index, (row, tensors, stream) in enumerate(
+                        zip(rows, packed, streams, strict=True)
+                    )
+                ]
+            finally:  # the patches have been read (or never will be): the front reuses them
+                self.send("released", request_id)
             with self._lock:
                 if request_id in self._aborted:
                     self._aborted.discard(request_id)
@@ -171,6 +190,16 @@ class Core:
             self.send("failed", request_id, "error", f"generation failed: {exc}")
             return
         request.future.add_done_callback(lambda done: self._finished(request_id, done))
+
+    def _encoded(self, packed: dict | None) -> Any:
+        """A row's inputs from the pipe, through the vision encoder. The pixel patches are
+        read in the shared arena; nothing kept refers to it."""
+        from predictor.preprocessing import EncodedRow
+
+        if packed is None:
+            return None
+        tensors = {key: self.arena.unpack(value) for key, value in packed.items()}
+        return self.generator.encode_images(EncodedRow(tensors))
 
     def _abort(self, request_id: int) -> None:
         with self._lock:

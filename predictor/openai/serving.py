@@ -105,7 +105,7 @@ class ChatService:
 
     def admit(self) -> Reservation:
         """A place in the engine's queue for the request about to be decoded (or 503)."""
-        return self.model.engine.reserve()
+        return self.model.take_reservation()
 
     async def prepare(self, request: ChatCompletionRequest, reservation: Reservation) -> ChatCall:
         """Validate parameters, fetch and decode images, encode the conversation."""
