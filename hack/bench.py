@@ -171,7 +171,7 @@ class InProcessWorker:
 
 def p1_worker(model_dir: str, picture_path: str, tokens: str, cpu_threads: str, dtype: str) -> None:
     """The loop behind `InProcessWorker` (`--p1-worker`): one line in, one line out."""
-    from predictor.decoding import RunningBatch
+    from predictor.engine.running_batch import RunningBatch
     from predictor.generation import Generator, Row
     from predictor.images import ImageLimits, prepare_image
     from predictor.loading import load_model
@@ -451,7 +451,7 @@ def bench_engine_alone(
     run), submitted by 1 and by 16 closed-loop callers in this process, no HTTP and no image
     work. What batching can give on this machine at best, printed beside P2 and P2s: the
     server's ratio is this minus what its request path costs."""
-    from predictor.engine import Engine, EngineConfig
+    from predictor.engine.scheduler import Engine, EngineConfig
     from predictor.generation import Generator, Row
     from predictor.images import ImageLimits, prepare_image
     from predictor.loading import load_model
@@ -785,7 +785,7 @@ def gpu_run(args: argparse.Namespace) -> dict:
     import torch
 
     from hack.model_shapes import write_shaped_checkpoint
-    from predictor.engine import Engine, EngineConfig
+    from predictor.engine.scheduler import Engine, EngineConfig
     from predictor.generation import Generator, Row
     from predictor.images import ImageLimits, PixelBudget, prepare_image
     from predictor.loading import load_model

@@ -29,7 +29,7 @@ _CHAT = ("/openai/v1/chat/completions", "/v1/chat/completions")
 
 
 class Place(Protocol):
-    """A place in the engine's queue (`predictor.engine.Reservation`)."""
+    """A place in the engine's queue (`predictor.engine.scheduler.Reservation`)."""
 
     def release(self) -> None: ...
 

@@ -21,8 +21,8 @@ from kserve.model import InferenceVerb
 from kserve.protocol.infer_type import InferRequest, InferResponse
 
 from predictor import metrics
-from predictor.engine import Engine, EngineConfig, Reservation
-from predictor.engine_client import RemoteEngine
+from predictor.engine.client import RemoteEngine
+from predictor.engine.scheduler import Engine, EngineConfig, Reservation
 from predictor.errors import InvalidRequest, ShuttingDown, StartupError
 from predictor.generation import Generator, Row
 from predictor.images import ImageLimits, PixelBudget, prepare_image
@@ -124,7 +124,7 @@ class QwenVLModel(Model):
         return self.ready
 
     def _load_engine_process(self, started: float) -> bool:
-        """The model in a process of its own (`predictor.engine_core`); only the processor
+        """The model in a process of its own (`predictor.engine.core`); only the processor
         here. Ready once that process has loaded and warmed up."""
         # This process's torch work is the processor's, one image per request thread, in
         # parallel across requests; intra-op threads on top of that oversubscribed the cores

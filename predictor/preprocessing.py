@@ -3,7 +3,7 @@
 Why apart from `predictor.generation`: this part needs the checkpoint's processor but not the
 model, so it can run wherever requests are parsed (the server's request threads) while the
 model, its vision encoder and the decode loop live elsewhere (the engine, possibly in a process
-of its own: `predictor.engine_core`). Tensors come out on the CPU; the vision encoder runs
+of its own: `predictor.engine.core`). Tensors come out on the CPU; the vision encoder runs
 later, where the model is.
 """
 

@@ -231,7 +231,7 @@ def build_parser(parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.Ar
         type=_bool,
         default=_env("engine_process", d.engine_process, _bool),
         help="run the model and its decode loop in a process of their own, apart from the "
-        "HTTP/gRPC front (see predictor.engine_core)",
+        "HTTP/gRPC front (see predictor.engine.core)",
     )
     runtime.add_argument(
         "--cpu_threads",

@@ -1,7 +1,7 @@
 """The vision encoder, run as a traced graph for image grids the server has seen before.
 
 Why: the vision encoder runs on request threads while the engine's thread decodes (see
-`predictor.engine`). Run eagerly, it is hundreds of small tensor operations, and PyTorch
+`predictor.engine.scheduler`). Run eagerly, it is hundreds of small tensor operations, and PyTorch
 releases and re-takes the GIL around each of them; every re-take while the decoding thread
 runs costs that thread time too. On this project's CPU benchmark, an eager encoder on request
 threads cut the throughput of 16 concurrent clients by a quarter; the same encoder as a

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from predictor import metrics
-from predictor.decoding import RunningBatch
-from predictor.engine import Engine, EngineConfig
+from predictor.engine.running_batch import RunningBatch
+from predictor.engine.scheduler import Engine, EngineConfig
 from predictor.errors import DeadlineExceeded, QueueFull
 from predictor.generation import Generator, Row
 from predictor.images import fit_to_budget

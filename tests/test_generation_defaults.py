@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from hack.make_tiny_model import GENERATION_CONFIGS
-from predictor.decoding import RunningBatch
+from predictor.engine.running_batch import RunningBatch
 from predictor.generation import Generator, Row
 from predictor.images import PixelBudget, fit_to_budget
 from predictor.loading import load_model

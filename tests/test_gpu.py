@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from predictor.decoding import RunningBatch
+from predictor.engine.running_batch import RunningBatch
 from predictor.generation import Generator, Row
 from predictor.images import fit_to_budget
 from predictor.loading import load_model

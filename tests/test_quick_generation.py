@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from predictor.decoding import RunningBatch
+from predictor.engine.running_batch import RunningBatch
 from predictor.generation import Generator, Row
 from predictor.images import fit_to_budget
 from predictor.loading import load_model

@@ -14,7 +14,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from predictor.decoding import _Sampler
+from predictor.engine.running_batch import _Sampler
 from predictor.params import SamplingParams
 
 VOCAB = 151_936

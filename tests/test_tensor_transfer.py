@@ -1,4 +1,4 @@
-"""The shared arena rows' pixel patches cross to the engine core in (predictor.tensor_transfer).
+"""The shared arena rows' pixel patches cross to the engine core in (predictor.engine.transfer).
 
 The region is read in another process through `torch.multiprocessing`'s spawn, as the engine
 core does; the allocator is checked for reuse and merging, since a leak would send every row
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.multiprocessing as torch_mp
 
-from predictor.tensor_transfer import ALIGNMENT, INLINE_LIMIT, SharedArena, Span
+from predictor.engine.transfer import ALIGNMENT, INLINE_LIMIT, SharedArena, Span
 
 
 def _read_in_child(buffer: torch.Tensor, packed, out) -> None:

@@ -19,7 +19,7 @@ from kserve.errors import ModelNotReady
 from pydantic import ValidationError
 
 from predictor.chat_template import TemplateCheck
-from predictor.engine import Reservation
+from predictor.engine.scheduler import Reservation
 from predictor.errors import InvalidRequest
 from predictor.generation import Row
 from predictor.images import ImageLimits, PixelBudget, prepare_image

@@ -6,9 +6,9 @@ queue. A single worker thread owns the model; the asyncio side only awaits futur
 event loop keeps answering health checks and metrics.
 
 Chosen mechanism: continuous batching, a step-wise decode loop that admits rows between steps
-(`predictor.decoding.RunningBatch`). Before each decoding step the worker prefills whatever
-rows are waiting (up to `max_batch_size` running rows) and adds them to the running batch; a
-row leaves as soon as it reaches its own `max_new_tokens`, a stop token or string, or its
+(`predictor.engine.running_batch.RunningBatch`). Before each decoding step the worker prefills
+whatever rows are waiting (up to `max_batch_size` running rows) and adds them to the running
+batch; a row leaves as soon as it reaches its own `max_new_tokens`, a stop token or string, or its
 caller goes away, and its slot is filled at the next step. So a request never waits for
 someone else's batch to finish, and rows with different limits and sampling settings share
 every step. When the engine is idle, the first request waits `batch_wait_ms` (default 0) for
@@ -53,7 +53,7 @@ from typing import Any
 import torch
 
 from predictor import metrics
-from predictor.decoding import RunningBatch, supports_continuous_batching
+from predictor.engine.running_batch import RunningBatch, supports_continuous_batching
 from predictor.errors import DeadlineExceeded, QueueFull, Unavailable
 from predictor.generation import Generator, Row
 from predictor.protocol import Completion
@@ -69,7 +69,7 @@ DECODING_WAIT_S = 0.5
 
 class Reservation:
     """A place in the queue held while a request decodes its images; release exactly once.
-    (`Engine` and `engine_client.RemoteEngine` both hand these out: anything with `_release`.)"""
+    (`Engine` and `client.RemoteEngine` both hand these out: anything with `_release`.)"""
 
     def __init__(self, engine: Any):
         self._engine = engine
@@ -91,7 +91,9 @@ class EngineConfig:
     batch_wait_ms: float = 0.0
     max_queue_size: int = 64
     request_timeout_s: float = 300.0
-    continuous: bool = True  # step-wise batching (see predictor.decoding) where supported
+    continuous: bool = (
+        True  # step-wise batching (see predictor.engine.running_batch) where supported
+    )
 
 
 @dataclass(eq=False)

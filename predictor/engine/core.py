@@ -7,14 +7,14 @@ request side takes is a pause in decoding for every running row. vLLM (an API se
 `EngineCore` process), SGLang and TGI split the request front from the model loop for the same
 reason. Here the KServe server process stays the front (protocols, validation, images, the
 processor's CPU work, admission, metrics) and sends prepared rows to this process
-(`predictor.engine_client.RemoteEngine`), which runs the same `Engine` as the in-process
+(`predictor.engine.client.RemoteEngine`), which runs the same `Engine` as the in-process
 layout.
 
 Transport: one duplex pipe from a `spawn` multiprocessing context, carrying pickled tuples,
 and one shared-memory region mapped by both processes at spawn: a row's pixel patches
 (megabytes of floats for a 1 MP image) are copied into it once by the front and read in place
 here, and everything else is small and pickled (token ids, text deltas, load figures); see
-`predictor.tensor_transfer`. ZMQ with msgpack, as vLLM uses, would add a dependency and a
+`predictor.engine.transfer`. ZMQ with msgpack, as vLLM uses, would add a dependency and a
 tensor serialisation of our own for no gain at one front and one core on one host.
 
 Messages, front to core: ("submit", id, rows, packed tensors, streams, arrived), ("abort",
@@ -43,11 +43,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
+from predictor.engine.transfer import SharedArena
 from predictor.errors import DeadlineExceeded
 from predictor.settings import Settings
-from predictor.tensor_transfer import SharedArena
 
-logger = logging.getLogger("predictor.engine_core")
+logger = logging.getLogger("predictor.engine.core")
 
 VISION_THREADS = 2  # rows through the vision encoder while the decode loop runs
 METRICS_FLUSH_S = 0.1  # how often the engine's metric updates go to the front
@@ -68,7 +68,7 @@ _PR_SET_PDEATHSIG = 1
 
 def run(settings: Settings, connection: Any, arena_buffer: Any) -> None:
     """The core process's entry point (spawned by `RemoteEngine`), with the shared region
-    rows' pixel patches arrive in (`predictor.tensor_transfer`)."""
+    rows' pixel patches arrive in (`predictor.engine.transfer`)."""
     _exit_with_parent()
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front decides when to stop
@@ -105,7 +105,7 @@ class Core:
     def load(cls, settings: Settings, connection: Any, arena: SharedArena) -> Core:
         # Imported here: the front imports this module to name the process's target, and
         # should not pay for torch and transformers' model code twice.
-        from predictor.engine import Engine, EngineConfig
+        from predictor.engine.scheduler import Engine, EngineConfig
         from predictor.generation import Generator
         from predictor.loading import load_model
 

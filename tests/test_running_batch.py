@@ -12,8 +12,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from predictor import decoding
-from predictor.decoding import RunningBatch, supports_continuous_batching
+from predictor.engine import running_batch as decoding
+from predictor.engine.running_batch import RunningBatch, supports_continuous_batching
 from predictor.generation import Generator, Row
 from predictor.images import fit_to_budget
 from predictor.loading import LoadedModel

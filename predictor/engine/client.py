@@ -1,6 +1,6 @@
-"""The front's side of the engine core process (`predictor.engine_core`): `RemoteEngine`.
+"""The front's side of the engine core process (`predictor.engine.core`): `RemoteEngine`.
 
-It offers what the request path uses of `predictor.engine.Engine` (`reserve`,
+It offers what the request path uses of `predictor.engine.scheduler.Engine` (`reserve`,
 `check_capacity`, `submit`, `stop`), so the model and the OpenAI route do not care where the
 engine runs. Admission is decided here, at once and without asking the core: the front
 knows the requests it holds (decoding their images, or sent to the core) and the core reports
@@ -29,8 +29,10 @@ from typing import Any
 import torch
 import torch.multiprocessing as torch_mp
 
-from predictor import engine_core, metrics
-from predictor.engine import EngineConfig, Reservation  # one Reservation for both engines
+from predictor import metrics
+from predictor.engine import core as engine_core
+from predictor.engine.scheduler import EngineConfig, Reservation  # one Reservation for both engines
+from predictor.engine.transfer import PackedTensor, SharedArena, Span
 from predictor.errors import (
     DeadlineExceeded,
     EngineUnavailable,
@@ -42,13 +44,12 @@ from predictor.generation import Row
 from predictor.preprocessing import EncodedRow
 from predictor.protocol import Completion
 from predictor.settings import Settings
-from predictor.tensor_transfer import PackedTensor, SharedArena, Span
 
 logger = logging.getLogger(__name__)
 
 STARTUP_POLL_S = 0.5
 STOP_TIMEOUT_S = 10.0
-# The region rows' pixel patches cross in (`predictor.tensor_transfer`): room for the batch and
+# The region rows' pixel patches cross in (`predictor.engine.transfer`): room for the batch and
 # the queue at this project's test sizes, and for a few 1 MP images (about 12 MB each in
 # bfloat16, 24 MB in float32); a row that finds no room travels inline instead.
 SHARED_ARENA_BYTES = 256 * 1024 * 1024

@@ -1,0 +1,16 @@
+"""The engine: everything that owns the model and its decode loop, and how the server talks to it.
+
+The process boundary runs through this package:
+  - `scheduler`: `Engine`, the bounded queue and the one worker thread that admits rows
+    between decoding steps (and whole `generate` batches with a static cache);
+  - `running_batch`: `RunningBatch`, the rows being decoded with their padded cache, and the
+    per-row sampler;
+  - `core`: the engine core process (`--engine_process`), which runs an `Engine` and the
+    vision encoder and nothing else;
+  - `client`: `RemoteEngine`, the server process's side of that process (admission, futures,
+    text deltas, death);
+  - `transfer`: the shared arena rows' pixel patches cross the boundary in.
+In the in-process layout the server builds an `Engine` itself; with the engine process it
+builds a `RemoteEngine`, and the core builds the `Engine`. The request path sees the same
+`reserve` / `submit` either way.
+"""
