@@ -111,12 +111,7 @@ class QwenVLModel(Model):
         self.engine = Engine(
             self.generator,
             self.name,
-            EngineConfig(
-                max_batch_size=self.settings.max_batch_size,
-                batch_wait_ms=self.settings.batch_wait_ms,
-                max_queue_size=self.settings.max_queue_size,
-                request_timeout_s=self.settings.request_timeout_s,
-            ),
+            EngineConfig.from_settings(self.settings),
         )
         self.ready = True
         self.loaded_at = time.time()

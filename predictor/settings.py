@@ -66,6 +66,10 @@ class Settings:
     http_body_timeout_s: float = 60.0
     max_batch_size: int = 16
     batch_wait_ms: float = 0.0
+    # Admissions into a running batch (predictor.engine.scheduler): text-generation-inference's
+    # rule and names. Values measured with hack/bench.py; 0 admits every waiting row at once.
+    waiting_served_ratio: float = 0.0
+    max_waiting_tokens: int = 0
     max_queue_size: int = 64
     request_timeout_s: float = 300.0
     # Sized for the manifests: terminationGracePeriodSeconds 120 s, minus the 15 s preStop
@@ -102,6 +106,8 @@ class Settings:
             raise ValueError("--cpu_threads must be 0 (automatic) or more")
         if self.batch_wait_ms < 0 or self.request_timeout_s <= 0:
             raise ValueError("--batch_wait_ms must be >= 0 and --request_timeout_s > 0")
+        if self.waiting_served_ratio < 0 or self.max_waiting_tokens < 0:
+            raise ValueError("--waiting_served_ratio and --max_waiting_tokens must be >= 0")
         if self.drain_timeout_s < 0:
             raise ValueError("--drain_timeout_s must be >= 0")
         if self.remote_image_timeout_s <= 0:
@@ -253,6 +259,20 @@ def build_parser(parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.Ar
         type=float,
         default=_env("batch_wait_ms", d.batch_wait_ms, float),
         help="how long an idle engine's first request waits for others before its prefill",
+    )
+    engine.add_argument(
+        "--waiting_served_ratio",
+        type=float,
+        default=_env("waiting_served_ratio", d.waiting_served_ratio, float),
+        help="a running batch takes in waiting rows once they number this fraction of its "
+        "running rows (or fill its free slots), so one prefill serves several rows",
+    )
+    engine.add_argument(
+        "--max_waiting_tokens",
+        type=int,
+        default=_env("max_waiting_tokens", d.max_waiting_tokens, int),
+        help="decoding steps a waiting row may be held back for that before it is taken in "
+        "anyway (0: at the next step)",
     )
     engine.add_argument(
         "--max_queue_size",

@@ -493,3 +493,56 @@ def test_out_of_memory_while_decoding_fails_the_newest_rows_and_the_rest_go_on(
     assert [isinstance(r, RuntimeError) for r in results] == [False, False, True, True]
     assert "out of device memory" in str(results[2])
     assert [r[0] for r in results[:2]] == [generator.describe([row])[0] for row in rows[:2]]
+
+
+@pytest.mark.parametrize(("ratio", "wait_steps"), [(0.0, 0), (0.5, 3)])
+def test_a_lone_waiting_row_joins_a_busy_batch_at_once_or_after_its_wait(
+    generator, ratio: float, wait_steps: int
+) -> None:
+    """`--waiting_served_ratio` / `--max_waiting_tokens` (text-generation-inference's rule):
+    one row waiting beside four running rows is taken in at the next step when the rule is off,
+    and after `max_waiting_tokens` steps when one row is below the ratio (half of four)."""
+    admitted_at: list[int] = []
+
+    class StepCountingBatch(RecordingBatch):
+        def admit(self, rows, owners, stop_checks):
+            admitted_at.append(engine._steps)
+            return super().admit(rows, owners, stop_checks)
+
+    engine, batches = continuous_engine(
+        generator,
+        StepCountingBatch,
+        max_batch_size=8,
+        batch_wait_ms=200,
+        waiting_served_ratio=ratio,
+        max_waiting_tokens=wait_steps,
+    )
+    long_rows = make_rows(generator, 4, 300)
+    short = make_rows(generator, 5, 4)[4]
+    queued_at: list[int] = []
+    enqueue = engine._enqueue
+
+    def recording_enqueue(*args, **kwargs):
+        request = enqueue(*args, **kwargs)
+        queued_at.append(request.queued_at_step)
+        return request
+
+    engine._enqueue = recording_enqueue
+
+    async def scenario():
+        running = [asyncio.create_task(engine.submit([row])) for row in long_rows]
+        await wait_until(lambda: batches and len(batches[0].steps) >= 5)
+        (joined,) = await engine.submit([short])
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+        return joined
+
+    try:
+        joined = asyncio.run(scenario())
+    finally:
+        engine.stop()
+    assert len(admitted_at) == 2  # the four long rows together, then the short one
+    waited = admitted_at[1] - queued_at[-1]
+    assert wait_steps <= waited <= wait_steps + 1
+    assert joined == generator.describe([short])[0]

@@ -70,12 +70,7 @@ class RemoteEngine:
     def __init__(self, settings: Settings, model_name: str):
         self.settings = settings
         self.model_name = model_name
-        self.config = EngineConfig(
-            max_batch_size=settings.max_batch_size,
-            batch_wait_ms=settings.batch_wait_ms,
-            max_queue_size=settings.max_queue_size,
-            request_timeout_s=settings.request_timeout_s,
-        )
+        self.config = EngineConfig.from_settings(settings)
         self.on_death: Callable[[str], None] | None = None
         self.alive = False
         self.info: dict[str, Any] = {}

@@ -119,12 +119,7 @@ class Core:
         )
         if settings.warmup:
             generator.warm_up()
-        config = EngineConfig(
-            max_batch_size=settings.max_batch_size,
-            batch_wait_ms=settings.batch_wait_ms,
-            max_queue_size=settings.max_queue_size,
-            request_timeout_s=settings.request_timeout_s,
-        )
+        config = EngineConfig.from_settings(settings)
         engine = Engine(generator, settings.model_name, config)
         core = cls(engine, generator, connection, arena)
         threading.Thread(

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -91,9 +92,21 @@ class EngineConfig:
     batch_wait_ms: float = 0.0
     max_queue_size: int = 64
     request_timeout_s: float = 300.0
-    continuous: bool = (
-        True  # step-wise batching (see predictor.engine.running_batch) where supported
-    )
+    continuous: bool = True  # step-wise batching (predictor.engine.running_batch) where supported
+    waiting_served_ratio: float = 0.0  # see `Engine._hold_back`; 0: off
+    max_waiting_tokens: int = 0
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> EngineConfig:
+        """The engine's part of the server's flags (`predictor.settings.Settings`)."""
+        return cls(
+            max_batch_size=settings.max_batch_size,
+            batch_wait_ms=settings.batch_wait_ms,
+            max_queue_size=settings.max_queue_size,
+            request_timeout_s=settings.request_timeout_s,
+            waiting_served_ratio=settings.waiting_served_ratio,
+            max_waiting_tokens=settings.max_waiting_tokens,
+        )
 
 
 @dataclass(eq=False)
@@ -109,6 +122,7 @@ class _Request:
     first_token_seen: bool = False
     abandoned: bool = False
     started: float | None = None  # time.monotonic() when its first row began generating
+    queued_at_step: int = 0  # the engine's decoding steps so far when it was queued
 
     def __post_init__(self) -> None:
         self.results = [None] * len(self.rows)
@@ -157,6 +171,7 @@ class Engine:
         self._stopped = False
         self._group = 0
         self._reserved = 0  # admitted requests still decoding their images
+        self._steps = 0  # decoding steps run (held-back admissions count their wait in these)
         # Called with (running rows, waiting requests, running requests) whenever they change
         # (with the engine's lock held: keep it short); the engine process reports load so.
         self.on_load: Callable[[int, int, int], None] | None = None
@@ -241,6 +256,7 @@ class Engine:
             self._group += 1
             rows = [replace(r, group=self._group) for r in rows]
             request = _Request(rows, arrived, arrived + self.config.request_timeout_s)
+            request.queued_at_step = self._steps
             self._waiting.add(request)
             self._queue.extend(_Slot(request, i) for i in range(len(rows)))
             self._publish_load()
@@ -326,8 +342,9 @@ class Engine:
                 self._track(batch)
 
     def _admissions(self, running: int) -> list[_Slot] | None:
-        """Rows to add before the next step: as many as fit. An idle engine blocks here until
-        a request arrives (then waits `batch_wait_ms` for others); a busy one never waits."""
+        """Rows to add before the next step. An idle engine blocks here until a request
+        arrives (then waits `batch_wait_ms` for others) and takes as many as fit; a busy one
+        never waits, but may hold waiting rows back for a few steps (`_hold_back`)."""
         with self._lock:
             if running == 0:
                 while not self._queue and not self._stopped:
@@ -340,7 +357,28 @@ class Engine:
                     self._lock.wait(left)
             if self._stopped:
                 return None
+            if running and self._hold_back(running):
+                return []
             return self._take(self.config.max_batch_size - running, running)
+
+    def _hold_back(self, running: int) -> bool:
+        """Whether to run the next step without taking in the rows waiting (lock held).
+
+        Why: a prefill stops every running row for its whole length, and its cost hardly
+        grows with the rows it serves (on this project's CPU benchmark, one 448x448 row took
+        8 ms and sixteen 32 ms, while a decoding step of 16 rows took 6.5 ms). Taking rows in
+        one at a time, as they trickle in, paid that pause for each. As in
+        text-generation-inference, waiting rows are taken in once they number
+        `waiting_served_ratio` of the running rows, or fill the free slots, or the oldest has
+        waited `max_waiting_tokens` steps; what that bought is in the README."""
+        if not self._queue:
+            return False
+        free = self.config.max_batch_size - running
+        enough = max(1, min(free, math.ceil(self.config.waiting_served_ratio * running)))
+        if len(self._queue) >= enough:
+            return False
+        waited = self._steps - self._queue[0].request.queued_at_step
+        return waited < self.config.max_waiting_tokens
 
     def _admit(self, batch: RunningBatch, slots: list[_Slot]) -> None:
         """Prefill slots into the running batch (failures isolated, see `_isolated`)."""
@@ -360,6 +398,7 @@ class Engine:
         """One decoding step for every running row. Out of device memory: the newest half of
         the rows fail (the client may retry) and the others go on."""
         self._batch_size.observe(len(batch))
+        self._steps += 1
         try:
             finished = batch.step()
         except torch.OutOfMemoryError:
