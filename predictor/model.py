@@ -8,7 +8,6 @@ the event loop: images are decoded on KServe's thread pool, and generation runs 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from contextvars import ContextVar
@@ -25,6 +24,7 @@ from predictor.engine.client import RemoteEngine
 from predictor.engine.scheduler import Engine, EngineConfig, Reservation
 from predictor.errors import InvalidRequest, ShuttingDown, StartupError
 from predictor.generation import Generator, Row
+from predictor.image_workers import ImageWorkers
 from predictor.images import ImageLimits, PixelBudget, prepare_image
 from predictor.loading import load_checkpoint_sampling, load_model, load_processor
 from predictor.params import RequestLimits, sampling_defaults
@@ -45,6 +45,18 @@ _RESERVATION: ContextVar[Reservation | None] = ContextVar("reservation", default
 # The place a REST request took at the door (`admit`, from predictor.admission), before its
 # body was read; the request path takes it over (`take_reservation`).
 _DOOR: ContextVar[Reservation | None] = ContextVar("door_reservation", default=None)
+
+
+class _NoPlace:
+    """What the door hands a request for an unloaded model: nothing to release."""
+
+    held = False
+
+    def release(self) -> None:
+        pass
+
+
+_NO_PLACE = _NoPlace()
 
 
 @dataclass
@@ -84,6 +96,7 @@ class QwenVLModel(Model):
         self.preprocessor: Generator | Preprocessor | None = None  # encodes rows for the engine
         self.engine: Engine | RemoteEngine | None = None
         self.engine_failed: str | None = None  # why the engine process died, if it did
+        self.image_workers = ImageWorkers()  # image decoding and the processor, off the loop
         self.draining = False  # set by predictor.drain on SIGTERM / SIGINT
         self.loaded_at = 0.0  # time.time() when the model became ready
         self.limits: RequestLimits | None = None
@@ -224,7 +237,7 @@ class QwenVLModel(Model):
                 reservation.release()
                 _RESERVATION.reset(token)
 
-    def admit(self) -> Reservation:
+    def admit(self) -> Reservation | _NoPlace:
         """A place in the engine for a REST request at the door, before its body is read,
         or 503 at once (queue full, draining, engine gone).
 
@@ -232,6 +245,8 @@ class QwenVLModel(Model):
         every request passed a check made before any of them held a place, then read and
         parsed its body, and only then was refused: 70-80 ms to a 503 instead of 15."""
         assert self.engine is not None, "admit before load"
+        if self._stopped:  # unloaded: no place to take; the route answers 404 as for any
+            return _NO_PLACE  # model the repository does not hold
         with metrics.counted_rejection(self.name):
             reservation = self.engine.reserve()
         _DOOR.set(reservation)
@@ -261,8 +276,7 @@ class QwenVLModel(Model):
         arrived = time.monotonic()
         parsed = parse_infer_request(payload, self.limits, self.settings.default_prompt)
         started = time.perf_counter()
-        loop = asyncio.get_running_loop()
-        rows = await loop.run_in_executor(None, self._decode_rows, parsed)
+        rows = await self.image_workers.run(self._decode_rows, parsed)
         decode_ms = _ms(started)
         metrics.IMAGE_DECODE_SECONDS.labels(self.name).observe(decode_ms / 1000)
         return PreparedRequest(payload, parsed, rows, decode_ms, arrived)

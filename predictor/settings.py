@@ -52,7 +52,7 @@ class Settings:
     warmup: bool = True
     compile: bool = False
     trace_vision: bool = True
-    engine_process: bool = False
+    engine_process: bool = True
     cpu_threads: int = 0
     served_model_aliases: tuple[str, ...] = ()
     allow_remote_images: bool = False

@@ -294,6 +294,11 @@ def test_v2_and_openai_requests_decode_in_the_same_steps(
         time.sleep(0.05)
     for thread in threads:
         thread.join()
+    # The engine process forwards its metrics every 0.1 s: wait for this run's to arrive.
+    deadline = time.monotonic() + 5
+    while batch_histogram(server)[1] == calls_before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
     rows_after, steps_after = batch_histogram(server)
     rows, steps = rows_after - rows_before, steps_after - calls_before
     assert steps >= 1 and rows > steps  # some decoding step ran both requests' rows

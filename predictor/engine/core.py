@@ -39,12 +39,13 @@ import signal
 import sys
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import replace
 from typing import Any
 
 from predictor.engine.transfer import SharedArena
 from predictor.errors import DeadlineExceeded
+from predictor.image_workers import ImageWorkers
 from predictor.settings import Settings
 
 logger = logging.getLogger("predictor.engine.core")
@@ -98,7 +99,9 @@ class Core:
         self._lock = threading.Lock()
         self._requests: dict[int, Any] = {}
         self._aborted: set[int] = set()
-        self._vision = ThreadPoolExecutor(VISION_THREADS, thread_name_prefix="vision")
+        # Below the decode loop's priority, as the front's image threads are below its event
+        # loop's: a step for every running row comes before one more row's features.
+        self._vision = ImageWorkers(VISION_THREADS, name="vision")
         engine.on_load = self._report_load
 
     @classmethod

@@ -115,9 +115,7 @@ class ChatService:
         settings = self.model.settings
         limits = ImageLimits(settings.max_image_bytes, settings.max_decoded_pixels)
         images = [await fetch_image_url(url, self.remote, field) for field, url in urls]
-        loop = asyncio.get_running_loop()
-        row = await loop.run_in_executor(
-            None,
+        row = await self.model.image_workers.run(
             self._encode_row,
             messages,
             images,
