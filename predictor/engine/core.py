@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import gc
 import logging
 import os
 import signal
@@ -130,6 +131,11 @@ class Core:
         ).start()
         dtype = str(generator.model.dtype).removeprefix("torch.")
         info = {"device": str(generator.device), "continuous": engine.continuous, "dtype": dtype}
+        # As in the server process (predictor.server): the model, torch and transformers
+        # live as long as the process; frozen, the collector's full passes skip them. Without
+        # this the decode loop ran 12% slower here than in one process.
+        gc.collect()
+        gc.freeze()
         core.send("ready", info)
         return core
 
