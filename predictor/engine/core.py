@@ -100,6 +100,7 @@ class Core:
         self._lock = threading.Lock()
         self._requests: dict[int, Any] = {}
         self._aborted: set[int] = set()
+        self._last_load: tuple[int, int, int] | None = None
         # Below the decode loop's priority, as the front's image threads are below its event
         # loop's: a step for every running row comes before one more row's features.
         self._vision = ImageWorkers(VISION_THREADS, name="vision")
@@ -238,8 +239,14 @@ class Core:
                     return
 
     def _report_load(self, running_rows: int, waiting: int, running: int) -> None:
+        """Tell the front the engine's load when it changed (called with the engine's lock
+        held, so in order)."""
+        load = (running_rows, waiting, running)
+        if load == self._last_load:
+            return
+        self._last_load = load
         with contextlib.suppress(OSError):
-            self.send("load", running_rows, waiting, running)
+            self.send("load", *load)
 
 
 class _MetricEvents:

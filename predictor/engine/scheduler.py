@@ -485,8 +485,12 @@ class Engine:
             if request.started is None:
                 request.started = now
             metrics.QUEUE_WAIT_SECONDS.labels(self.model_name).observe(now - request.arrived)
-        self._running_rows = running + len(taken)
-        self._publish_load()
+        rows = running + len(taken)
+        if taken or rows != self._running_rows:
+            # Only on a change: this runs before every decoding step, and in the engine
+            # process each publication is a message to the front (one a step cost P1 5%).
+            self._running_rows = rows
+            self._publish_load()
         return taken
 
     def _run(self, batch: list[_Slot]) -> None:
