@@ -110,9 +110,16 @@ class Core:
     def load(cls, settings: Settings, connection: Any, arena: SharedArena) -> Core:
         # Imported here: the front imports this module to name the process's target, and
         # should not pay for torch and transformers' model code twice.
+        from transformers.utils import logging as transformers_logging
+
         from predictor.engine.scheduler import Engine, EngineConfig
         from predictor.generation import Generator
         from predictor.loading import load_model
+
+        # No "Loading weights" bar: it is noise in a pod's log, and tqdm's bar takes a
+        # multiprocessing lock that this process, which ends with os._exit, would leave
+        # behind (the front's resource tracker then warns of a leaked semaphore at exit).
+        transformers_logging.disable_progress_bar()
 
         forwarded = _forward_metrics()
         loaded = load_model(settings)
