@@ -556,9 +556,13 @@ def bench_p3(model_dir: Path, runs: int, budget_pixels: int = 1_003_520) -> dict
 
 
 def rss_mb(pid: int) -> float:
+    """Resident memory of the server process and its children (the engine core process),
+    summed: pages both map (the shared arena) count twice, which a flatness check allows."""
     import psutil
 
-    return psutil.Process(pid).memory_info().rss / 1e6
+    process = psutil.Process(pid)
+    members = [process, *process.children(recursive=True)]
+    return sum(member.memory_info().rss for member in members) / 1e6
 
 
 def burst(url: str, body: dict, clients: int) -> tuple[list[float], list[int]]:
@@ -685,8 +689,8 @@ def bench_overload(
         f"overload  idle server, {bursts} bursts of {clients} clients: {len(idle_ms)} got 503 in "
         f"{idle['median']:.1f} ms median ({verdict('overload_503_ms', idle['median'])}), "
         f"{idle['p99']:.1f} ms p99 ({verdict('overload_503_p99_ms', idle['p99'])}), "
-        f"{idle_statuses.count(200)} served; other statuses {unexpected or 'none'}; RSS "
-        f"{before:.0f} MB before, after each saturated burst "
+        f"{idle_statuses.count(200)} served; other statuses {unexpected or 'none'}; RSS of "
+        f"both processes {before:.0f} MB before, after each saturated burst "
         f"{', '.join(f'{mb:.0f}' for mb in rss_after)} MB; ready after: {ready}"
     )
     return {
