@@ -1,11 +1,11 @@
 """The front's side of the engine core process (`predictor.engine.core`): `RemoteEngine`.
 
 It offers what the request path uses of `predictor.engine.scheduler.Engine` (`reserve`,
-`check_capacity`, `submit`, `stop`), so the model and the OpenAI route do not care where the
-engine runs. Admission is decided here, at once and without asking the core: the front
-knows the requests it holds (decoding their images, or sent to the core) and the core reports
-its running rows and requests whenever they change; capacity is the queue plus the batch
-slots free, as in the engine itself.
+`submit`, the drain's `refuse_new` / `close` / `busy`, `stop`), so the model and the OpenAI
+route do not care where the engine runs. Admission is decided here, at once and without
+asking the core: the front knows the requests it holds (decoding their images, or sent to the
+core) and the core reports its running rows and requests whenever they change; capacity is the
+queue plus the batch slots free, as in the engine itself.
 
 One thread reads the core's messages: text deltas go straight to each row's `on_text` (as
 the engine's thread calls it in-process), completions and errors resolve the request's future
@@ -126,10 +126,6 @@ class RemoteEngine:
         logger.info("engine process %d ready (%s)", self.process.pid, self.info)
 
     # ---- admission (what Engine offers the request path) ------------------------------
-
-    def check_capacity(self) -> None:
-        with self._lock:
-            self._refuse_if_full()
 
     def reserve(self) -> Reservation:
         with self._lock:

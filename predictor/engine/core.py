@@ -47,6 +47,7 @@ from typing import Any
 from predictor.engine.transfer import SharedArena
 from predictor.errors import DeadlineExceeded
 from predictor.image_workers import ImageWorkers
+from predictor.preprocessing import EncodedRow
 from predictor.settings import Settings
 
 logger = logging.getLogger("predictor.engine.core")
@@ -100,7 +101,6 @@ class Core:
         self._lock = threading.Lock()
         self._requests: dict[int, Any] = {}
         self._aborted: set[int] = set()
-        self._last_load: tuple[int, int, int] | None = None
         # Below the decode loop's priority, as the front's image threads are below its event
         # loop's: a step for every running row comes before one more row's features.
         self._vision = ImageWorkers(VISION_THREADS, name="vision")
@@ -206,8 +206,6 @@ class Core:
     def _encoded(self, packed: dict | None) -> Any:
         """A row's inputs from the pipe, through the vision encoder. The pixel patches are
         read in the shared arena; nothing kept refers to it."""
-        from predictor.preprocessing import EncodedRow
-
         if packed is None:
             return None
         tensors = {key: self.arena.unpack(value) for key, value in packed.items()}
@@ -246,14 +244,10 @@ class Core:
                     return
 
     def _report_load(self, running_rows: int, waiting: int, running: int) -> None:
-        """Tell the front the engine's load when it changed (called with the engine's lock
+        """Tell the front the engine's load (called when it changes, with the engine's lock
         held, so in order)."""
-        load = (running_rows, waiting, running)
-        if load == self._last_load:
-            return
-        self._last_load = load
         with contextlib.suppress(OSError):
-            self.send("load", *load)
+            self.send("load", running_rows, waiting, running)
 
 
 class _MetricEvents:

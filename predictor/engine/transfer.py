@@ -16,6 +16,7 @@ span. A row whose patches do not fit the free space travels inline (slower, neve
 from __future__ import annotations
 
 import bisect
+import math
 import threading
 from dataclasses import dataclass
 
@@ -103,7 +104,7 @@ class SharedArena:
         """`tensor` as the pipe will carry it; a span it takes is appended to `spans`.
         `shared=False` keeps it inline whatever its size (a tensor the core keeps)."""
         tensor = tensor.detach().contiguous().cpu()
-        raw = tensor.view(-1).view(torch.uint8) if tensor.numel() else tensor.new_empty(0)
+        raw = tensor.reshape(-1).view(torch.uint8)
         shape = tuple(tensor.shape)
         if shared and raw.numel() >= INLINE_LIMIT:
             span = self.allocate(raw.numel())
@@ -116,15 +117,12 @@ class SharedArena:
     def unpack(self, packed: PackedTensor) -> torch.Tensor:
         """The tensor again. One in the arena is a view of it: valid until its span is
         released, so a caller that keeps it must copy it."""
-        count = 1
-        for side in packed.shape:
-            count *= side
-        width = torch.empty((), dtype=packed.dtype).element_size()
+        size = math.prod(packed.shape) * packed.dtype.itemsize
         if packed.span is not None:
-            raw = self.buffer[packed.span.offset : packed.span.offset + count * width]
+            raw = self.buffer[packed.span.offset : packed.span.offset + size]
+        elif size == 0:  # frombuffer refuses an empty buffer
+            return torch.empty(packed.shape, dtype=packed.dtype)
         else:
             assert packed.data is not None
-            raw = torch.frombuffer(bytearray(packed.data), dtype=torch.uint8) if count else None
-            if raw is None:
-                return torch.empty(packed.shape, dtype=packed.dtype)
+            raw = torch.frombuffer(bytearray(packed.data), dtype=torch.uint8)
         return raw.view(packed.dtype).view(packed.shape)
