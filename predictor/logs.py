@@ -14,7 +14,9 @@ two tracebacks and an HTTP 500. Here, on every REST route:
 
 Every response carries `x-request-id`: the client's own, if it sent a sane one, else a new id.
 KServe's exception handlers are replaced by `quiet_exception_handlers` (same statuses and
-bodies, no logging) so that this middleware is the only place that logs a refusal.
+bodies, no logging) so that this middleware is the only place that logs a refusal, but for
+the 503s the door gives before a request reaches the app (`predictor.admission`), which it
+logs itself in the same form.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from typing import Any
 
@@ -55,6 +57,26 @@ Scope = dict[str, Any]
 def request_id_of(scope: Scope) -> str:
     """The request id the middleware gave this request ('-' outside it)."""
     return scope.get("state", {}).get("request_id", "-")
+
+
+def request_id_from_headers(headers: Iterable[tuple[bytes, bytes]]) -> str:
+    """The client's own `x-request-id`, if it sent a sane one, else a new id."""
+    for name, value in headers:
+        if name == REQUEST_ID_HEADER:
+            text = value.decode("latin-1")
+            if _SANE_ID.match(text):
+                return text
+            break
+    return uuid.uuid4().hex
+
+
+def where(scope: Scope, request_id: str, model_name: str) -> str:
+    """How a log line names a request: its id, model, method and path."""
+    path = scope.get("path", "")
+    match = _MODEL_IN_PATH.match(path)
+    model = match["name"] if match else model_name
+    method = scope.get("method", "-")
+    return f"request {request_id} model {one_line(model)} {method} {one_line(path)}"
 
 
 def one_line(text: str) -> str:
@@ -89,7 +111,7 @@ class RequestLogMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = self._request_id(scope)
+        request_id = request_id_from_headers(scope.get("headers", ()))
         scope.setdefault("state", {})["request_id"] = request_id
         status = 0
         captured = bytearray()
@@ -127,23 +149,8 @@ class RequestLogMiddleware:
             message = one_line(_message(bytes(captured))) or HTTPStatus(status).phrase
             logger.warning("%s: %d %s", self._where(scope), status, message)
 
-    def _request_id(self, scope: Scope) -> str:
-        for name, value in scope.get("headers", []):
-            if name == REQUEST_ID_HEADER:
-                text = value.decode("latin-1")
-                if _SANE_ID.match(text):
-                    return text
-                break
-        return uuid.uuid4().hex
-
     def _where(self, scope: Scope) -> str:
-        path = scope.get("path", "")
-        match = _MODEL_IN_PATH.match(path)
-        model = match["name"] if match else self.model_name
-        return (
-            f"request {request_id_of(scope)} model {one_line(model)} "
-            f"{scope.get('method', '-')} {one_line(path)}"
-        )
+        return where(scope, request_id_of(scope), self.model_name)
 
     def _client_left(self, scope: Scope) -> None:
         cut = scope.get("state", {}).get(CLOSED_STATE)  # the server cut the body, see

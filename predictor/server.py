@@ -78,7 +78,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     from kserve import model_server as kserve_server
 
     from predictor.addresses import AddressPolicy
-    from predictor.admission import AdmissionMiddleware
     from predictor.drain import Drain
     from predictor.model import QwenVLModel
     from predictor.openai.image_urls import RemotePolicy
@@ -125,12 +124,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         access_log_format=args.access_log_format,
         event_loop=args.event_loop,
         timeout_keep_alive=args.timeout_keep_alive,
-    )
-    kserve_server.app.add_middleware(
-        AdmissionMiddleware,
-        admit=model.admit,
-        model_name=model.name,
-        draining=lambda: model.draining,
     )
     harden(server, kserve_server, model, settings)
     register_infer_routes(kserve_server.app, server.dataplane, request_bytes_limit(settings))

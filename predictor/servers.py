@@ -5,9 +5,9 @@ and `GRPCServer` (the interceptors and channel options) itself, with no way to p
 `install()` puts these subclasses where `ModelServer.start()` looks them up, so everything
 else of KServe's start-up (routes, signal handling, the model registry) stays KServe's:
 
-- REST: uvicorn runs `predictor.http_limits`' protocol (header size limit, header and body
-  deadlines), and KServe's logging exception handlers are replaced by quiet ones
-  (`predictor.logs`);
+- REST: uvicorn runs `predictor.admission`'s protocol (the door that answers 503 when the
+  engine is full, and `predictor.http_limits`' header size limit, header and body deadlines),
+  and KServe's logging exception handlers are replaced by quiet ones (`predictor.logs`);
 - gRPC: KServe's exception interceptor, which logs a traceback for every rejected call,
   becomes one that logs a refusal as one WARNING line (a traceback only for INTERNAL), and a
   cancelled call as one INFO line; the HTTP/2 handshake must finish within the header deadline.
@@ -40,9 +40,10 @@ from kserve.protocol.grpc.servicer import InferenceServicer
 from kserve.protocol.rest.server import RESTServer
 from timing_asgi import TimingMiddleware
 
+from predictor.admission import Door, check_uvicorn, door_protocol
 from predictor.grpc_server import model_config_handler
 from predictor.health import GuardedRepository, HealthDataPlane
-from predictor.http_limits import ClientLimits, limited_protocol
+from predictor.http_limits import ClientLimits
 from predictor.logs import RequestLogMiddleware, install_quiet_exception_handlers, one_line
 from predictor.settings import Settings
 
@@ -100,13 +101,15 @@ class QuietExceptionToStatusInterceptor(AsyncExceptionToStatusInterceptor):
 
 
 class LimitedRESTServer(RESTServer):
-    """KServe's REST server on the limited uvicorn protocol, with quiet exception handlers."""
+    """KServe's REST server on the limited uvicorn protocol with the door, and quiet
+    exception handlers."""
 
     client_limits = ClientLimits()
+    door: Door | None = None
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.config.http = limited_protocol(self.client_limits)
+        self.config.http = door_protocol(self.client_limits, self.door)
 
     def _add_exception_handlers(self, app: Any) -> None:
         super()._add_exception_handlers(app)
@@ -154,16 +157,20 @@ class QuietGRPCServer(GRPCServer):
         await self._server.wait_for_termination()
 
 
-def install(kserve_model_server: Any, limits: ClientLimits) -> None:
-    """Make `kserve.model_server.ModelServer.start()` build these servers with `limits`."""
+def install(kserve_model_server: Any, limits: ClientLimits, door: Door | None = None) -> None:
+    """Make `kserve.model_server.ModelServer.start()` build these servers with `limits` (and
+    REST with `door`)."""
+    check_uvicorn()
     LimitedRESTServer.client_limits = limits
+    LimitedRESTServer.door = door
     QuietGRPCServer.handshake_timeout_s = limits.header_timeout_s
     kserve_model_server.RESTServer = LimitedRESTServer
     kserve_model_server.GRPCServer = QuietGRPCServer
 
 
 def harden(server: Any, kserve_model_server: Any, model: Any, settings: Settings) -> None:
-    """Everything `predictor.health`, `predictor.http_limits` and `predictor.logs` change in
+    """Everything `predictor.health`, `predictor.admission`, `predictor.http_limits` and
+    `predictor.logs` change in
     a `kserve.ModelServer` that is built but not started (call before adding routes)."""
     from predictor.server import request_bytes_limit  # the largest valid request
 
@@ -177,6 +184,6 @@ def harden(server: Any, kserve_model_server: Any, model: Any, settings: Settings
         body_timeout_s=settings.http_body_timeout_s,
         max_body_bytes=request_bytes_limit(settings),
     )
-    install(kserve_model_server, limits)
-    # Added last, so it runs first: it also sees the admission middleware's 503s.
+    install(kserve_model_server, limits, Door(model.admit, model.name, lambda: model.draining))
+    # Added last, so it runs first (the door's 503s never reach it: the door logs them).
     kserve_model_server.app.add_middleware(RequestLogMiddleware, model_name=model.name)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -70,6 +73,33 @@ def abandoning_client(server: LiveServer, picture: bytes, gave_up: list) -> thre
     return thread
 
 
+def refused_answer_survives_the_rest_of_its_body(server: LiveServer, body: dict) -> bool:
+    """The door answers 503 once the headers are in, and then reads the rest of the body
+    before it closes: a close with unread bytes would reset the connection, and a client
+    still sending could lose the answer with it."""
+    payload = json.dumps(body).encode()
+    head = (
+        f"POST /v2/models/{server.model_name}/infer HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as sock:
+        sock.sendall(head + payload[:1000])
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += sock.recv(65536)
+        headers, _, content = answer.partition(b"\r\n\r\n")
+        length = int(re.search(rb"content-length: (\d+)", headers).group(1))
+        while len(content) < length:
+            content += sock.recv(65536)
+        sock.settimeout(0.3)
+        with pytest.raises(TimeoutError):  # answered, but still open for the body's rest
+            sock.recv(1)
+        sock.settimeout(10)
+        sock.sendall(payload[1000:])
+        closed = sock.recv(1) == b""  # then closed cleanly, not reset
+    return headers.startswith(b"HTTP/1.1 503 ") and b"overloaded" in content and closed
+
+
 def test_full_queue_is_refused_at_once_and_abandoned_work_frees_its_slot(
     server: LiveServer, long_picture: bytes
 ) -> None:
@@ -82,12 +112,21 @@ def test_full_queue_is_refused_at_once_and_abandoned_work_frees_its_slot(
     assert gauges(server)["qwen_vl_utilization"] == 1.0
 
     started = time.perf_counter()
-    refused = httpx.post(server.infer_url, json=infer_body(long_picture, 5), timeout=10)
+    refused = httpx.post(
+        server.infer_url,
+        json=infer_body(long_picture, 5),
+        headers={"x-request-id": "overload-probe-1"},
+        timeout=10,
+    )
     refused_in = time.perf_counter() - started
     assert refused.status_code == 503, refused.text
     assert refused.headers["retry-after"] == "1"
+    assert refused.headers["x-request-id"] == "overload-probe-1"
     assert "overloaded" in refused.json()["error"]
     assert refused_in < 1.0  # answered at once (the benchmark measures it precisely)
+    lines = [line for line in server.log().splitlines() if "overload-probe-1" in line]
+    assert len(lines) == 1 and "WARNING" in lines[0] and ": 503 server overloaded" in lines[0]
+    assert refused_answer_survives_the_rest_of_its_body(server, infer_body(long_picture, 5))
 
     chat = {
         "model": server.model_name,
@@ -121,5 +160,6 @@ def test_full_queue_is_refused_at_once_and_abandoned_work_frees_its_slot(
     wait_for(server, "qwen_vl_num_requests_waiting", 0, timeout_s=10)
     ok = httpx.post(server.infer_url, json=infer_body(long_picture, 3), timeout=30)
     assert ok.status_code == 200
-    assert gauges(server)["qwen_vl_requests_rejected_total"] == rejected_before + 3
+    # v2 twice (httpx, the raw socket), chat, gRPC.
+    assert gauges(server)["qwen_vl_requests_rejected_total"] == rejected_before + 4
     assert server.is_ready()
