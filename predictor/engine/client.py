@@ -31,12 +31,15 @@ import torch.multiprocessing as torch_mp
 
 from predictor import metrics
 from predictor.engine import core as engine_core
-from predictor.engine.scheduler import EngineConfig, Reservation  # one Reservation for both engines
+from predictor.engine.scheduler import (  # one Reservation and admission rule for both engines
+    EngineConfig,
+    Reservation,
+    refuse_if_full,
+)
 from predictor.engine.transfer import PackedTensor, SharedArena, Span
 from predictor.errors import (
     DeadlineExceeded,
     EngineUnavailable,
-    QueueFull,
     StartupError,
     Unavailable,
 )
@@ -141,13 +144,9 @@ class RemoteEngine:
         """Called with the lock held."""
         if not self.alive:
             raise EngineUnavailable()
-        if self._refusal is not None:
-            raise self._refusal()
+        # Sent requests the core has not started are queued; reservations are decoding.
         pending = self._reserved + max(0, len(self._pending) - self._running_requests)
-        free_slots = max(0, self.config.max_batch_size - self._running_rows)
-        if pending >= self.config.max_queue_size + free_slots:
-            metrics.REJECTED.labels(self.model_name).inc()
-            raise QueueFull(pending)
+        refuse_if_full(self.config, self.model_name, self._refusal, pending, self._running_rows)
 
     async def submit(
         self,

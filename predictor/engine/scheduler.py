@@ -109,6 +109,29 @@ class EngineConfig:
         )
 
 
+def refuse_if_full(
+    config: EngineConfig,
+    model_name: str,
+    refusal: Callable[[], Unavailable] | None,
+    pending: int,
+    running_rows: int,
+) -> None:
+    """The admission rule both engines (`Engine`, `client.RemoteEngine`) apply: raise
+    `refusal()` while new work is refused (draining), else `QueueFull` once `pending`
+    requests (queued, or admitted and still decoding their images) fill the capacity.
+
+    The capacity is the queue plus the batch slots free right now: a request decoding its
+    images is headed for a free slot, not for the queue; counting it against the queue alone
+    refused a burst at an idle server after `max_queue_size` requests although
+    `max_batch_size` slots were empty."""
+    if refusal is not None:
+        raise refusal()
+    free_slots = max(0, config.max_batch_size - running_rows)
+    if pending >= config.max_queue_size + free_slots:
+        metrics.REJECTED.labels(model_name).inc()
+        raise QueueFull(pending)
+
+
 @dataclass(eq=False)
 class _Request:
     """One submitted request: its rows, their results, and whether anyone still waits."""
@@ -225,25 +248,13 @@ class Engine:
 
     def _refuse_if_full(self) -> None:
         """Called with the lock held."""
-        if self._refusal is not None:
-            raise self._refusal()
-        pending = self._pending()
-        if pending >= self._capacity():
-            metrics.REJECTED.labels(self.model_name).inc()
-            raise QueueFull(pending)
+        refuse_if_full(
+            self.config, self.model_name, self._refusal, self._pending(), self._running_rows
+        )
 
     def _pending(self) -> int:
         """Admitted requests not yet generating: queued, or still decoding their images."""
         return len(self._waiting - self._running) + self._reserved
-
-    def _capacity(self) -> int:
-        """How many requests may be pending: the queue plus the batch slots free right now.
-
-        A request decoding its images is headed for a free slot, not for the queue; counting
-        it against the queue alone refused a burst at an idle server after `max_queue_size`
-        requests although `max_batch_size` slots were empty."""
-        free_slots = max(0, self.config.max_batch_size - self._running_rows)
-        return self.config.max_queue_size + free_slots
 
     def _enqueue(self, rows: list[Row], arrived: float, admitted: bool = False) -> _Request:
         """Queue a request's rows. One `admitted` earlier (it holds a reservation, counted in
