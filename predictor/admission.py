@@ -129,7 +129,7 @@ class DoorProtocol(LimitedHttpToolsProtocol):
         except Unavailable as refusal:
             self._turn_away(cycle, door.refusal(cycle.scope, refusal, chat))
             return
-        task = self.loop.create_task(cycle.run_asgi(app), context=context)
+        task = context.run(self.loop.create_task, cycle.run_asgi(app))  # a copy of it
         task.add_done_callback(lambda _: place.release())  # a no-op once the engine has it
         task.add_done_callback(self.tasks.discard)
         self.tasks.add(task)
