@@ -129,6 +129,10 @@ class DoorProtocol(LimitedHttpToolsProtocol):
         except Unavailable as refusal:
             self._turn_away(cycle, door.refusal(cycle.scope, refusal, chat))
             return
+        except Exception:  # a bug, not a refusal: the app answers (and logs) it, no hang
+            logger.exception("the door failed; the request goes on without a place")
+            super()._start_asgi_task(cycle, app)
+            return
         task = context.run(self.loop.create_task, cycle.run_asgi(app))  # a copy of it
         task.add_done_callback(lambda _: place.release())  # a no-op once the engine has it
         task.add_done_callback(self.tasks.discard)
