@@ -134,7 +134,9 @@ class DoorProtocol(LimitedHttpToolsProtocol):
             super()._start_asgi_task(cycle, app)
             return
         task = context.run(self.loop.create_task, cycle.run_asgi(app))  # a copy of it
-        task.add_done_callback(lambda _: place.release())  # a no-op once the engine has it
+        # Released when the task ends, even one cancelled before it ever ran (a `finally` in
+        # the app would not run then); a no-op once the engine has the place.
+        task.add_done_callback(lambda _: place.release())
         task.add_done_callback(self.tasks.discard)
         self.tasks.add(task)
 

@@ -170,8 +170,8 @@ def install(kserve_model_server: Any, limits: ClientLimits, door: Door | None = 
 
 def harden(server: Any, kserve_model_server: Any, model: Any, settings: Settings) -> None:
     """Everything `predictor.health`, `predictor.admission`, `predictor.http_limits` and
-    `predictor.logs` change in
-    a `kserve.ModelServer` that is built but not started (call before adding routes)."""
+    `predictor.logs` change in a `kserve.ModelServer` that is built but not started (call
+    before adding routes)."""
     from predictor.server import request_bytes_limit  # the largest valid request
 
     enabled = settings.enable_model_repository
