@@ -171,11 +171,12 @@ class InProcessWorker:
 
 def p1_worker(model_dir: str, picture_path: str, tokens: str, cpu_threads: str, dtype: str) -> None:
     """The loop behind `InProcessWorker` (`--p1-worker`): one line in, one line out."""
+    from predictor.engine.generation import Generator
+    from predictor.engine.loading import load_model
     from predictor.engine.running_batch import RunningBatch
-    from predictor.generation import Generator, Row
-    from predictor.images import ImageLimits, prepare_image
-    from predictor.loading import load_model
+    from predictor.inputs.images import ImageLimits, prepare_image
     from predictor.params import SamplingParams
+    from predictor.rows import Row
     from predictor.settings import Settings
 
     settings = Settings(
@@ -451,11 +452,12 @@ def bench_engine_alone(
     run), submitted by 1 and by 16 closed-loop callers in this process, no HTTP and no image
     work. What batching can give on this machine at best, printed beside P2 and P2s: the
     server's ratio is this minus what its request path costs."""
+    from predictor.engine.generation import Generator
+    from predictor.engine.loading import load_model
     from predictor.engine.scheduler import Engine, EngineConfig
-    from predictor.generation import Generator, Row
-    from predictor.images import ImageLimits, prepare_image
-    from predictor.loading import load_model
+    from predictor.inputs.images import ImageLimits, prepare_image
     from predictor.params import SamplingParams
+    from predictor.rows import Row
     from predictor.settings import Settings
 
     settings = Settings(model_dir=str(model_dir), device="cpu", **flags)
@@ -516,7 +518,8 @@ def bench_p3(model_dir: Path, runs: int, budget_pixels: int = 1_003_520) -> dict
     """
     from transformers import AutoProcessor
 
-    from predictor.images import ImageLimits, PixelBudget, load_image, prepare_image
+    from predictor.inputs.images import ImageLimits, load_image, prepare_image
+    from predictor.params import PixelBudget
 
     processor = AutoProcessor.from_pretrained(model_dir).image_processor
     picture = jpeg_bytes(photo(4000, 3000, seed=3))
@@ -789,11 +792,12 @@ def gpu_run(args: argparse.Namespace) -> dict:
     import torch
 
     from hack.model_shapes import write_shaped_checkpoint
+    from predictor.engine.generation import Generator
+    from predictor.engine.loading import load_model
     from predictor.engine.scheduler import Engine, EngineConfig
-    from predictor.generation import Generator, Row
-    from predictor.images import ImageLimits, PixelBudget, prepare_image
-    from predictor.loading import load_model
-    from predictor.params import SamplingParams
+    from predictor.inputs.images import ImageLimits, prepare_image
+    from predictor.params import PixelBudget, SamplingParams
+    from predictor.rows import Row
     from predictor.settings import Settings
 
     if not torch.cuda.is_available():

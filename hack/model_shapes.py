@@ -5,7 +5,8 @@ The layer sizes below are those of the published `Qwen/Qwen3-VL-2B-Instruct` and
 `Qwen/Qwen3-VL-8B-Instruct` config.json files. The tokenizer is the tiny test model's (the
 image token ids in the config point into it); generated ids it does not know decode to nothing,
 which does not matter for tokens/s. The checkpoint is written to disk and loaded through
-`predictor.loading.load_model`, the same path (and the same 4-bit quantization) as production.
+`predictor.engine.loading.load_model`, the same path (and the same 4-bit quantization) as
+production.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """`python -m predictor` starts the model server."""
 
-from predictor.server import main
+from predictor.server.main import main
 
 if __name__ == "__main__":
     main()

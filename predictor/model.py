@@ -21,14 +21,14 @@ from kserve.protocol.infer_type import InferRequest, InferResponse
 
 from predictor import metrics
 from predictor.engine.client import RemoteEngine
+from predictor.engine.generation import Generator
+from predictor.engine.loading import load_checkpoint_sampling, load_model, load_processor
 from predictor.engine.scheduler import Engine, EngineConfig, Reservation
 from predictor.errors import InvalidRequest, ShuttingDown, StartupError
-from predictor.generation import Generator, Row
-from predictor.image_workers import ImageWorkers
-from predictor.images import ImageLimits, PixelBudget, prepare_image
-from predictor.loading import load_checkpoint_sampling, load_model, load_processor
-from predictor.params import RequestLimits, sampling_defaults
-from predictor.preprocessing import Preprocessor
+from predictor.inputs.image_workers import ImageWorkers
+from predictor.inputs.images import ImageLimits, prepare_image
+from predictor.inputs.preprocessing import Preprocessor
+from predictor.params import PixelBudget, RequestLimits, sampling_defaults
 from predictor.protocol import (
     INPUT_METADATA,
     OUTPUT_METADATA,
@@ -37,12 +37,13 @@ from predictor.protocol import (
     build_infer_response,
     parse_infer_request,
 )
+from predictor.rows import Row
 from predictor.settings import Settings
 
 logger = logging.getLogger(__name__)
 # The queue place of the request being served (set in __call__, used by predict).
 _RESERVATION: ContextVar[Reservation | None] = ContextVar("reservation", default=None)
-# The place a REST request took at the door (`admit`, from predictor.admission), before its
+# The place a REST request took at the door (`admit`, from predictor.server.admission), before its
 # body was read; the request path takes it over (`take_reservation`).
 _DOOR: ContextVar[Reservation | None] = ContextVar("door_reservation", default=None)
 
@@ -97,7 +98,7 @@ class QwenVLModel(Model):
         self.engine: Engine | RemoteEngine | None = None
         self.engine_failed: str | None = None  # why the engine process died, if it did
         self.image_workers = ImageWorkers()  # image decoding and the processor, off the loop
-        self.draining = False  # set by predictor.drain on SIGTERM / SIGINT
+        self.draining = False  # set by predictor.server.drain on SIGTERM / SIGINT
         self.loaded_at = 0.0  # time.time() when the model became ready
         self.limits: RequestLimits | None = None
         self._stopped = False
@@ -188,7 +189,7 @@ class QwenVLModel(Model):
     @property
     def alive(self) -> bool:
         """Whether this process can still serve the model: the liveness probe's answer
-        (`predictor.health`). False once the model was stopped (unloaded through the
+        (`predictor.server.health`). False once the model was stopped (unloaded through the
         repository API, or at shutdown) or its engine process died: nothing in the process
         builds either again, so only a restart brings it back. Anything else that makes the
         model unrecoverable belongs here."""
@@ -198,7 +199,7 @@ class QwenVLModel(Model):
         """KServe's per-model readiness: loaded, and still alive."""
         return self.ready and self.alive
 
-    # ---- drain (predictor.drain) --------------------------------------------------------
+    # ---- drain (predictor.server.drain) --------------------------------------------------------
 
     def begin_drain(self) -> None:
         """Stop saying ready and refuse new requests; admitted ones run on."""

@@ -14,11 +14,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from predictor.errors import InvalidRequest
-from predictor.images import PixelBudget
 
 MAX_SEED = 2**63 - 1
 MAX_TEMPERATURE = 2.0
 MAX_TOP_K = 1_000_000
+
+
+@dataclass(frozen=True)
+class PixelBudget:
+    """The model-input pixel range of one image, as Qwen-VL's `min_pixels`/`max_pixels`."""
+
+    min_pixels: int
+    max_pixels: int
 
 
 @dataclass(frozen=True)

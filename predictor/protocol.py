@@ -11,6 +11,9 @@ model, so the whole contract is tested without one.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
 import struct
 import uuid
 from collections.abc import Iterable, Mapping
@@ -20,9 +23,9 @@ from typing import Any
 from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, InferResponse
 
 from predictor.errors import InvalidRequest
-from predictor.images import PixelBudget, decode_base64
 from predictor.params import (
     GENERATION_PARAMETERS,
+    PixelBudget,
     RequestLimits,
     SamplingParams,
     number_from_text,
@@ -63,6 +66,18 @@ OUTPUT_METADATA = [
     {"name": FINISH_REASON_OUTPUT, "datatype": "BYTES", "shape": [-1]},
     {"name": TOKENS_OUTPUT, "datatype": "INT32", "shape": [-1]},
 ]
+_DATA_URL = re.compile(r"^data:image/[A-Za-z0-9.+-]+;base64,", re.IGNORECASE)
+
+
+def decode_base64(text: str, field: str) -> bytes:
+    """Strict base64 (or a base64 data URL) to bytes; anything else is the client's error."""
+    payload = _DATA_URL.sub("", text.strip(), count=1)
+    if payload.startswith("data:"):
+        raise InvalidRequest(field, "only base64 image data URLs are accepted")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidRequest(field, f"is not valid base64 ({exc})") from None
 
 
 @dataclass(frozen=True)

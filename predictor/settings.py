@@ -291,7 +291,7 @@ def build_parser(parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.Ar
         type=float,
         default=_env("drain_timeout_s", d.drain_timeout_s, float),
         help="on SIGTERM/SIGINT, how long requests already accepted may run on before they "
-        "end with 503 (see predictor.drain); fits the manifests' "
+        "end with 503 (see predictor.server.drain); fits the manifests' "
         "terminationGracePeriodSeconds of 120 s after their 15 s preStop sleep",
     )
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from predictor.loading import LoadedModel
+    from predictor.engine.loading import LoadedModel
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_MODEL_FIXTURES = {  # family: the session fixture that builds its tiny checkpoint
@@ -54,7 +54,7 @@ def tiny_qwen2_vl(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def loaded_family(request: pytest.FixtureRequest) -> LoadedModel:
     """Each family's tiny checkpoint through the predictor's own loading code, on the CPU
     (one load per test module and family)."""
-    from predictor.loading import load_model  # torch and transformers: only when needed
+    from predictor.engine.loading import load_model  # torch and transformers: only when needed
     from predictor.settings import Settings
 
     model_dir: Path = request.getfixturevalue(TINY_MODEL_FIXTURES[request.param])

@@ -7,7 +7,7 @@ import ipaddress
 
 import pytest
 
-from predictor.addresses import AddressPolicy, AddressRefused, refusal_reason
+from predictor.inputs.addresses import AddressPolicy, AddressRefused, refusal_reason
 
 
 @pytest.mark.parametrize(

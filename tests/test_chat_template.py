@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from hack.make_tiny_model import FAMILIES, build_processor, train_tokenizer
-from predictor.chat_template import TemplateCheck
 from predictor.errors import InvalidRequest
+from predictor.inputs.chat_template import TemplateCheck
 
 IMAGE_TURN = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]}
 FRENCH = {"role": "system", "content": "Answer in French."}

@@ -28,7 +28,7 @@ from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceSt
 from kserve.protocol.infer_type import InferInput, InferRequest
 
 from predictor.openai.protocol import ChatCompletion, ChatCompletionChunk, ErrorResponse, ModelList
-from predictor.openapi import InferResponseBody, TritonModelConfig, V2Error
+from predictor.server.openapi import InferResponseBody, TritonModelConfig, V2Error
 from tests import images
 from tests.live_server import LiveServer, infer_body, start_server
 

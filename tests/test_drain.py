@@ -1,4 +1,4 @@
-"""Graceful drain (predictor.drain) on the real server: SIGTERM during v2 REST, gRPC and
+"""Graceful drain (predictor.server.drain) on the real server: SIGTERM during v2 REST, gRPC and
 streaming OpenAI requests loses none of them, refuses new ones with 503 + Retry-After, and
 both processes exit; past `--drain_timeout_s` what is left ends with a clean 503."""
 

@@ -18,14 +18,15 @@ import pytest
 import torch
 
 from predictor import metrics
+from predictor.engine.generation import Generator
+from predictor.engine.loading import load_model
 from predictor.engine.running_batch import RunningBatch
 from predictor.engine.scheduler import Engine, EngineConfig
 from predictor.errors import DeadlineExceeded, QueueFull
-from predictor.generation import Generator, Row
-from predictor.images import fit_to_budget
-from predictor.loading import load_model
+from predictor.inputs.images import fit_to_budget
 from predictor.params import SamplingParams
 from predictor.protocol import Completion
+from predictor.rows import Row
 from predictor.settings import Settings
 from tests import images
 

@@ -21,10 +21,11 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from predictor.generation import Generator, Row
-from predictor.images import fit_to_budget
-from predictor.loading import load_model
+from predictor.engine.generation import Generator
+from predictor.engine.loading import load_model
+from predictor.inputs.images import fit_to_budget
 from predictor.params import SamplingParams
+from predictor.rows import Row
 from predictor.settings import Settings
 from tests import images
 from tests.live_server import LiveServer, full_length_picture, infer_body, start_server

@@ -9,10 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from predictor.generation import Generator, Row
-from predictor.images import ImageLimits, fit_to_budget, load_image, prepare_image
-from predictor.loading import load_model
+from predictor.engine.generation import Generator
+from predictor.engine.loading import load_model
+from predictor.inputs.images import ImageLimits, fit_to_budget, load_image, prepare_image
 from predictor.params import SamplingParams
+from predictor.rows import Row
 from predictor.settings import Settings
 from tests import images
 

@@ -17,17 +17,19 @@ import pytest
 import torch
 
 from hack.make_tiny_model import GENERATION_CONFIGS
+from predictor.engine.generation import Generator
+from predictor.engine.loading import load_model
 from predictor.engine.running_batch import RunningBatch
-from predictor.generation import Generator, Row
-from predictor.images import PixelBudget, fit_to_budget
-from predictor.loading import load_model
+from predictor.inputs.images import fit_to_budget
 from predictor.params import (
+    PixelBudget,
     RequestLimits,
     SamplingDefaults,
     SamplingParams,
     parse_generation_params,
     sampling_defaults,
 )
+from predictor.rows import Row
 from predictor.settings import Settings
 from tests import images
 from tests.conftest import TINY_MODEL_FIXTURES

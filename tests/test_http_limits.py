@@ -1,4 +1,4 @@
-"""`predictor.http_limits` in a real uvicorn server on loopback, in front of a tiny ASGI app
+"""`predictor.server.http_limits` in a real uvicorn server on loopback, in front of a tiny ASGI app
 that reads the whole body (no model: fast; the live server's own checks are in
 test_client_limits.py)."""
 
@@ -14,7 +14,7 @@ import httpx
 import pytest
 import uvicorn
 
-from predictor.http_limits import CLOSED_STATE, ClientLimits, limited_protocol
+from predictor.server.http_limits import CLOSED_STATE, ClientLimits, limited_protocol
 from tests.live_server import free_port
 
 LIMITS = ClientLimits(

@@ -8,15 +8,15 @@ import pytest
 from PIL import Image
 
 from predictor.errors import InvalidRequest
-from predictor.images import (
+from predictor.inputs.images import (
     ImageLimits,
-    PixelBudget,
-    decode_base64,
     fit_to_budget,
     load_image,
     prepare_image,
     target_size,
 )
+from predictor.params import PixelBudget
+from predictor.protocol import decode_base64
 from tests import images
 
 LIMITS = ImageLimits(max_bytes=1_000_000, max_decoded_pixels=4_000_000)

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from predictor.errors import StartupError
-from predictor.loading import (
+from predictor.engine.loading import (
     load_model,
     quantization_config,
     resolve_device,
     resolve_dtype,
     resolve_source,
 )
+from predictor.errors import StartupError
 from predictor.settings import Settings
 
 
@@ -80,7 +80,7 @@ def test_a_non_qwen_vl_checkpoint_is_refused(tiny_qwen3_vl: Path, tmp_path: Path
 def test_every_family_loads(
     request: pytest.FixtureRequest, fixture: str, model_type: str, factor: int
 ) -> None:
-    from predictor.generation import Generator
+    from predictor.engine.generation import Generator
 
     loaded = load_model(Settings(model_dir=str(request.getfixturevalue(fixture)), device="cpu"))
     assert loaded.model_type == model_type

@@ -1,4 +1,4 @@
-"""`predictor.logs` without a server: one line per refusal, nothing a client can forge."""
+"""`predictor.server.logs` without a server: one line per refusal, nothing a client can forge."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 import pytest
 from starlette.requests import ClientDisconnect
 
-from predictor.logs import RequestLogMiddleware, one_line
+from predictor.server.logs import RequestLogMiddleware, one_line
 
 
 def test_one_line_escapes_control_characters_and_shortens() -> None:

@@ -22,9 +22,9 @@ from pathlib import Path
 import openai
 import pytest
 
-from predictor.addresses import AddressPolicy
 from predictor.errors import InvalidRequest
-from predictor.openai.image_urls import RemotePolicy, fetch_image_url
+from predictor.inputs.addresses import AddressPolicy
+from predictor.inputs.image_urls import RemotePolicy, fetch_image_url
 from tests.image_hosts import JPEG, Host, ipv6_loopback, send, serve, trickle
 from tests.live_server import LiveServer, start_server
 

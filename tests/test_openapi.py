@@ -1,6 +1,6 @@
 """The OpenAPI document's v2 models name what the v2 route really accepts and returns.
 
-The v2 route parses bodies itself (predictor.rest, predictor.protocol); these checks keep the
+The v2 route parses bodies itself (predictor.server.rest, predictor.protocol); these checks keep the
 documenting models from drifting from that contract. The served document and real answers
 validated against it are tested on the live server (tests/test_clients.py).
 """
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import typing
 
-from predictor.openapi import InferParameters, InputTensor, OutputTensor, RequestedOutput
 from predictor.params import GENERATION_PARAMETERS
 from predictor.protocol import CLIENT_PARAMETERS, INPUT_METADATA, OUTPUT_METADATA
+from predictor.server.openapi import InferParameters, InputTensor, OutputTensor, RequestedOutput
 
 
 def literal_values(model: type, field: str) -> set[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from predictor.patch_embedding import PatchConv3d, use_matmul_patch_embeddings
+from predictor.engine.patch_embedding import PatchConv3d, use_matmul_patch_embeddings
 
 
 def test_matmul_patch_embedding_equals_the_convolution() -> None:

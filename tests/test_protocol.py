@@ -11,8 +11,7 @@ from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.infer_type import InferInput, InferRequest
 
 from predictor.errors import InvalidRequest
-from predictor.images import PixelBudget
-from predictor.params import RequestLimits
+from predictor.params import PixelBudget, RequestLimits
 from predictor.protocol import (
     Completion,
     build_infer_response,
@@ -20,7 +19,7 @@ from predictor.protocol import (
     parse_infer_request,
     read_parameters,
 )
-from predictor.rest import parse_rest_request
+from predictor.server.rest import parse_rest_request
 from tests import images
 
 LIMITS = RequestLimits(

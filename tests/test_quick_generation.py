@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import pytest
 
+from predictor.engine.generation import Generator
+from predictor.engine.loading import load_model
 from predictor.engine.running_batch import RunningBatch
-from predictor.generation import Generator, Row
-from predictor.images import fit_to_budget
-from predictor.loading import load_model
+from predictor.inputs.images import fit_to_budget
 from predictor.params import SamplingParams
+from predictor.rows import Row
 from predictor.settings import Settings
 from tests import images
 from tests.conftest import TINY_MODEL_FIXTURES

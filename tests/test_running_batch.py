@@ -13,12 +13,13 @@ import pytest
 import torch
 
 from predictor.engine import running_batch as decoding
+from predictor.engine.generation import Generator
+from predictor.engine.loading import LoadedModel
 from predictor.engine.running_batch import RunningBatch, supports_continuous_batching
-from predictor.generation import Generator, Row
-from predictor.images import fit_to_budget
-from predictor.loading import LoadedModel
+from predictor.inputs.images import fit_to_budget
 from predictor.params import SamplingParams
 from predictor.protocol import Completion
+from predictor.rows import Row
 from tests import images
 
 pytestmark = pytest.mark.slow

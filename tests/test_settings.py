@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from predictor.server import raise_grpc_message_limits, request_bytes_limit
+from predictor.server.request_limits import raise_grpc_message_limits, request_bytes_limit
 from predictor.settings import Settings, build_parser
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -5,7 +5,7 @@ from __future__ import annotations
 from google.protobuf import json_format
 
 from predictor.protocol import INPUT_METADATA, OUTPUT_METADATA
-from predictor.triton_config import ModelConfigResponse, model_config, model_config_response
+from predictor.server.triton_config import ModelConfigResponse, model_config, model_config_response
 
 
 def test_config_follows_the_tensor_metadata() -> None:

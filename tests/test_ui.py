@@ -16,8 +16,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from predictor.images import PixelBudget
-from predictor.params import MAX_SEED, RequestLimits
+from predictor.params import MAX_SEED, PixelBudget, RequestLimits
 from predictor.settings import Settings, build_parser
 from predictor.ui.routes import ASSETS, PAGE, page_config, register_ui_routes
 

@@ -12,12 +12,13 @@ import pytest
 import torch
 from torch.utils._pytree import tree_flatten
 
-from predictor import vision_graphs
-from predictor.generation import Generator, Row
-from predictor.images import fit_to_budget
-from predictor.loading import LoadedModel
+from predictor.engine import vision_graphs
+from predictor.engine.generation import Generator
+from predictor.engine.loading import LoadedModel
+from predictor.engine.vision_graphs import VisionEncoder
+from predictor.inputs.images import fit_to_budget
 from predictor.params import SamplingParams
-from predictor.vision_graphs import VisionEncoder
+from predictor.rows import Row
 from tests import images
 
 pytestmark = pytest.mark.slow

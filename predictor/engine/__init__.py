@@ -9,8 +9,16 @@ The process boundary runs through this package:
     vision encoder and nothing else;
   - `client`: `RemoteEngine`, the server process's side of that process (admission, futures,
     text deltas, death);
-  - `transfer`: the shared arena rows' pixel patches cross the boundary in.
+  - `transfer`: the shared arena rows' pixel patches cross the boundary in;
+  - `loading`: reading a checkpoint (dtype, device, quantization) into a `LoadedModel`;
+  - `generation`: `Generator`, the model with its processor and stop rules, and the
+    whole-batch `generate` path;
+  - `vision_graphs` and `patch_embedding`: the vision encoder, traced per image grid.
 In the in-process layout the server builds an `Engine` itself; with the engine process it
 builds a `RemoteEngine`, and the core builds the `Engine`. The request path sees the same
 `reserve` / `submit` either way.
+
+It may import the contract (`predictor.errors`, `params`, `protocol`, `rows`, `settings`,
+`metrics`) and `predictor.inputs`; never the model, the routes or the server, so the engine
+core process loads none of the front's code.
 """

@@ -43,9 +43,8 @@ from predictor.errors import (
     StartupError,
     Unavailable,
 )
-from predictor.generation import Row
-from predictor.preprocessing import EncodedRow
 from predictor.protocol import Completion
+from predictor.rows import EncodedRow, Row
 from predictor.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -301,7 +300,7 @@ class RemoteEngine:
         if not stopping and self.on_death is not None:
             self.on_death(detail)
 
-    # ---- drain (predictor.drain) --------------------------------------------------------
+    # ---- drain (predictor.server.drain) --------------------------------------------------------
 
     def refuse_new(self, error: Callable[[], Unavailable]) -> None:
         """Refuse requests not yet admitted with `error()`; admitted ones still run."""

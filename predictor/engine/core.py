@@ -46,8 +46,8 @@ from typing import Any
 
 from predictor.engine.transfer import SharedArena
 from predictor.errors import DeadlineExceeded
-from predictor.image_workers import ImageWorkers
-from predictor.preprocessing import EncodedRow
+from predictor.inputs.image_workers import ImageWorkers
+from predictor.rows import EncodedRow
 from predictor.settings import Settings
 
 logger = logging.getLogger("predictor.engine.core")
@@ -112,9 +112,9 @@ class Core:
         # should not pay for torch and transformers' model code twice.
         from transformers.utils import logging as transformers_logging
 
+        from predictor.engine.generation import Generator
+        from predictor.engine.loading import load_model
         from predictor.engine.scheduler import Engine, EngineConfig
-        from predictor.generation import Generator
-        from predictor.loading import load_model
 
         # No "Loading weights" bar: it is noise in a pod's log, and tqdm's bar takes a
         # multiprocessing lock that this process, which ends with os._exit, would leave
@@ -139,7 +139,7 @@ class Core:
         ).start()
         dtype = str(generator.model.dtype).removeprefix("torch.")
         info = {"device": str(generator.device), "continuous": engine.continuous, "dtype": dtype}
-        # As in the server process (predictor.server): the model, torch and transformers
+        # As in the server process (predictor.server.main): the model, torch and transformers
         # live as long as the process; frozen, the collector's full passes skip them. Without
         # this the decode loop ran 12% slower here than in one process.
         gc.collect()

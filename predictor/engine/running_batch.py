@@ -28,9 +28,10 @@ import torch
 from transformers import DynamicCache, RepetitionPenaltyLogitsProcessor
 from transformers.cache_utils import DynamicLayer
 
-from predictor.generation import Generator, Row, StopCheck, _RowState
+from predictor.engine.generation import Generator, _RowState
 from predictor.params import SamplingParams
 from predictor.protocol import Completion
+from predictor.rows import Row, StopCheck
 
 
 def supports_continuous_batching(generator: Generator) -> bool:

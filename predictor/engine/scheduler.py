@@ -54,10 +54,11 @@ from typing import Any
 import torch
 
 from predictor import metrics
+from predictor.engine.generation import Generator
 from predictor.engine.running_batch import RunningBatch, supports_continuous_batching
 from predictor.errors import DeadlineExceeded, QueueFull, Unavailable
-from predictor.generation import Generator, Row
 from predictor.protocol import Completion
+from predictor.rows import Row
 
 logger = logging.getLogger(__name__)
 
@@ -274,7 +275,7 @@ class Engine:
             self._lock.notify()
         return request
 
-    # ---- drain (predictor.drain) --------------------------------------------------------
+    # ---- drain (predictor.server.drain) --------------------------------------------------------
 
     def refuse_new(self, error: Callable[[], Unavailable]) -> None:
         """Refuse requests not yet admitted with `error()`; admitted ones still run."""

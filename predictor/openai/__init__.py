@@ -1,6 +1,9 @@
 """OpenAI-compatible chat completions, served by the same engine as the v2 protocol.
 
 Layout after vLLM's: `protocol` holds the request and response schemas, `serving` the logic
-(no web framework), `router` turns results into JSON or Server-Sent Events, and `image_urls`
-turns an `image_url` into bytes under the server's rules.
+(no web framework), and `router` turns results into JSON or Server-Sent Events. An
+`image_url` becomes bytes in `predictor.inputs.image_urls`, under the server's rules.
+
+It may import the contract, `predictor.inputs`, `predictor.engine` (its admission) and
+`predictor.model`; never the server, which mounts its routes.
 """

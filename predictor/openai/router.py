@@ -19,10 +19,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from kserve.errors import ModelNotReady
 
 from predictor import metrics
+from predictor.cancellation import cancel_on_disconnect
 from predictor.errors import DeadlineExceeded, InvalidRequest, Unavailable
 from predictor.openai.protocol import error_body
 from predictor.openai.serving import ChatCall, ChatService, UnknownModel, parse_request
-from predictor.rest import cancel_on_disconnect
 
 logger = logging.getLogger(__name__)
 PREFIXES = ("/openai/v1", "/v1")

@@ -1,7 +1,7 @@
 """Chat completions on the shared engine: validation, conversion to a `Row`, results.
 
 No web framework here: the router turns what this module returns into JSON or SSE. Images go
-through the same `predictor.images` checks as the v2 protocol, parameters through the same
+through the same `predictor.inputs.images` checks as the v2 protocol, parameters through the same
 `predictor.params` limits, and generation through the same engine, so a chat request and an
 OIP v2 request can share one batch.
 """
@@ -18,15 +18,15 @@ from typing import Any
 from kserve.errors import ModelNotReady
 from pydantic import ValidationError
 
-from predictor.chat_template import TemplateCheck
 from predictor.engine.scheduler import Reservation
 from predictor.errors import InvalidRequest
-from predictor.generation import Row
-from predictor.images import ImageLimits, PixelBudget, prepare_image
-from predictor.openai.image_urls import RemotePolicy, fetch_image_url
+from predictor.inputs.chat_template import TemplateCheck
+from predictor.inputs.image_urls import RemotePolicy, fetch_image_url
+from predictor.inputs.images import ImageLimits, prepare_image
 from predictor.openai.protocol import ChatCompletionRequest, Message, ProcessorKwargs, Usage
-from predictor.params import SamplingParams, parse_generation_params
+from predictor.params import PixelBudget, SamplingParams, parse_generation_params
 from predictor.protocol import Completion
+from predictor.rows import Row
 
 MAX_STOP_STRINGS = 4  # OpenAI's own limit
 # Our parameter names in errors, as the OpenAI request calls them.

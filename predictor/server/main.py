@@ -16,33 +16,12 @@ from collections.abc import Sequence
 from PIL import Image
 
 from predictor.errors import StartupError
+from predictor.server.request_limits import raise_grpc_message_limits, request_bytes_limit
 from predictor.settings import Settings, build_parser
 
 logger = logging.getLogger("predictor")
 
-# gRPC messages carry every image of a request; allow that plus room for prompts and framing.
-GRPC_MESSAGE_SLACK = 1024 * 1024
-GRPC_MAX_MESSAGE = 2**31 - 1
 GIL_SWITCH_INTERVAL_S = 0.001
-
-
-def request_bytes_limit(settings: Settings) -> int:
-    """The largest request body that can be valid: every image at its byte limit, base64."""
-    return min(
-        GRPC_MAX_MESSAGE,
-        settings.max_images_per_request * settings.max_image_bytes * 4 // 3 + GRPC_MESSAGE_SLACK,
-    )
-
-
-def raise_grpc_message_limits(kserve_args: object, settings: Settings) -> None:
-    """KServe reads its gRPC limits from its import-time args; raise them to fit our images.
-
-    Its default (8 MiB) would refuse a single large photo before the predictor could say why.
-    """
-    needed = request_bytes_limit(settings)
-    for name in ("grpc_max_receive_message_length", "grpc_max_send_message_length"):
-        current = getattr(kserve_args, name, 0) or 0
-        setattr(kserve_args, name, max(current, needed))
 
 
 def _configure_logging() -> None:
@@ -77,15 +56,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     from kserve import ModelServer
     from kserve import model_server as kserve_server
 
-    from predictor.addresses import AddressPolicy
-    from predictor.drain import Drain
+    from predictor.inputs.addresses import AddressPolicy
+    from predictor.inputs.image_urls import RemotePolicy
     from predictor.model import QwenVLModel
-    from predictor.openai.image_urls import RemotePolicy
     from predictor.openai.router import register_openai_routes
     from predictor.openai.serving import ChatService
-    from predictor.openapi import install_openapi
-    from predictor.rest import register_config_routes, register_infer_routes
-    from predictor.servers import harden
+    from predictor.server.drain import Drain
+    from predictor.server.kserve_servers import harden
+    from predictor.server.openapi import install_openapi
+    from predictor.server.rest import register_config_routes, register_infer_routes
     from predictor.ui.routes import page_config, register_ui_routes
 
     parser = build_parser(parents=[kserve_server.parser])

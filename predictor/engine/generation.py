@@ -18,51 +18,23 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
 from PIL import Image
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from predictor.images import PixelBudget, fit_to_budget
-from predictor.params import SamplingParams
-from predictor.preprocessing import EncodedRow, Preprocessor
+from predictor.engine.vision_graphs import VisionEncoder
+from predictor.inputs.images import fit_to_budget
+from predictor.inputs.preprocessing import Preprocessor
+from predictor.params import PixelBudget, SamplingParams
 from predictor.protocol import Completion
-from predictor.vision_graphs import VisionEncoder
+from predictor.rows import EncodedRow, Row, StopCheck
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Row:
-    """One conversation to complete: chat messages whose `{"type": "image"}` parts stand for
-    `images`, in order. Images are already at their model-input size (`images.prepare_image`).
-    """
-
-    images: tuple[Image.Image, ...]
-    messages: tuple[dict[str, Any], ...]
-    sampling: SamplingParams
-    group: int = 0  # the request it belongs to; only matters for seeded rows
-    inputs: EncodedRow | None = field(default=None, compare=False)  # see Generator.encode
-    on_text: TextSink | None = field(default=None, compare=False)  # streamed text deltas
-
-    @classmethod
-    def single(cls, image: Image.Image, prompt: str, sampling: SamplingParams, **kw: Any) -> Row:
-        """The OIP v2 case: one user turn, the image then the prompt."""
-        content = [{"type": "image"}, {"type": "text", "text": prompt}]
-        return cls((image,), ({"role": "user", "content": content},), sampling, **kw)
-
-    @property
-    def batch_key(self) -> tuple:
-        """Rows with equal keys can share one generate call."""
-        s = self.sampling
-        key = (s.temperature, s.top_p, s.top_k, s.repetition_penalty, s.min_new_tokens, s.seed)
-        return key if s.seed is None else (*key, self.group)
-
-
-StopCheck = Callable[[], bool]
-TextSink = Callable[[str], None]
 # Processor outputs laid out along the token sequence (padded on the left when batching).
 _SEQUENCE_KEYS = {"input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids"}
 
@@ -174,7 +146,7 @@ class Generator:
         self, model: Any, processor: Any, static_cache: bool = False, trace_vision: bool = True
     ):
         self.model = model
-        self.vision = VisionEncoder(model, trace=trace_vision)  # see predictor.vision_graphs
+        self.vision = VisionEncoder(model, trace=trace_vision)  # see predictor.engine.vision_graphs
         # A static KV cache makes decoding shapes fixed, which lets transformers compile the
         # decoding step with torch.compile on CUDA (its auto-compile for compileable caches).
         self.static_cache = static_cache

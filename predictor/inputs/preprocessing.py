@@ -1,6 +1,6 @@
 """The processor's CPU work for a row: chat template, tokens, image patches.
 
-Why apart from `predictor.generation`: this part needs the checkpoint's processor but not the
+Why apart from `predictor.engine.generation`: this part needs the checkpoint's processor but not the
 model, so it can run wherever requests are parsed (the server's request threads) while the
 model, its vision encoder and the decode loop live elsewhere (the engine, possibly in a process
 of its own: `predictor.engine.core`). Tensors come out on the CPU; the vision encoder runs
@@ -12,31 +12,15 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from PIL import Image
 
-from predictor.images import PixelBudget
-
-if TYPE_CHECKING:
-    from predictor.generation import Row
+from predictor.params import PixelBudget
+from predictor.rows import EncodedRow, Row
 
 TEXT_CACHE_SIZE = 256  # conversations whose tokenized text `Preprocessor.processed` keeps
-
-
-@dataclass(frozen=True)
-class EncodedRow:
-    """A row's model inputs, computed before its batch: the processor's tensors (CPU; with
-    `pixel_values` until the vision encoder has run) and the vision encoder's output."""
-
-    tensors: dict[str, torch.Tensor]
-    image_features: Any = None  # the vision encoder's output (a transformers ModelOutput)
-
-    @property
-    def needs_vision(self) -> bool:
-        return "pixel_values" in self.tensors
 
 
 class Preprocessor:

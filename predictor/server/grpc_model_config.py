@@ -4,7 +4,7 @@ Why: KServe's servicer implements only the methods of its own copy of the v2 pro
 Triton's clients (tritonclient.grpc, perf_analyzer) also call
 `inference.GRPCInferenceService/ModelConfig`. gRPC routes by full method name, so a second
 handler for that one method on the same service name sits beside KServe's;
-`predictor.servers.QuietGRPCServer` adds it when it builds the server.
+`predictor.server.kserve_servers.QuietGRPCServer` adds it when it builds the server.
 """
 
 from __future__ import annotations
@@ -16,7 +16,11 @@ from grpc import aio
 from kserve.errors import ModelNotFound
 from kserve.protocol.dataplane import DataPlane
 
-from predictor.triton_config import ModelConfigRequest, ModelConfigResponse, model_config_response
+from predictor.server.triton_config import (
+    ModelConfigRequest,
+    ModelConfigResponse,
+    model_config_response,
+)
 
 SERVICE = "inference.GRPCInferenceService"
 

@@ -13,8 +13,6 @@ otherwise let the handler run to the end, keeping rows in the engine that nobody
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 import orjson
@@ -24,12 +22,12 @@ from kserve.errors import ModelNotReady
 from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.infer_type import InferInput, InferRequest, RequestedOutput
 
+from predictor.cancellation import cancel_on_disconnect
 from predictor.errors import DeadlineExceeded, InvalidRequest, Unavailable
 from predictor.protocol import deserialize_bytes
-from predictor.triton_config import model_config
+from predictor.server.triton_config import model_config
 
 HEADER_LENGTH = "inference-header-content-length"
-CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer
 T = TypeVar("T")
 
 
@@ -156,28 +154,6 @@ def parse_rest_request(body: bytes, header_length: str | None, model_name: str) 
     )
 
 
-async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T | Response:
-    """Run `work`, cancelling it if the client disconnects first."""
-    task = asyncio.ensure_future(work)
-
-    async def watch() -> None:
-        while not task.done():
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                task.cancel()
-                return
-
-    watcher = asyncio.create_task(watch())
-    try:
-        return await task
-    except asyncio.CancelledError:
-        if watcher.done() and task.cancelled():
-            return Response(status_code=CLIENT_CLOSED_REQUEST)
-        raise
-    finally:
-        watcher.cancel()
-
-
 async def unavailable_handler(_: Request, exc: Unavailable) -> JSONResponse:
     return JSONResponse(
         status_code=503,
@@ -232,7 +208,7 @@ def register_infer_routes(app: FastAPI, dataplane: DataPlane, max_body_bytes: in
 
 def register_config_routes(app: FastAPI, dataplane: DataPlane) -> None:
     """Triton's model-configuration extension, `GET /v2/models/{name}[/versions/{v}]/config`
-    (see `predictor.triton_config`); an unknown model is KServe's 404."""
+    (see `predictor.server.triton_config`); an unknown model is KServe's 404."""
 
     async def config(model_name: str, model_version: str | None = None) -> ORJSONResponse:
         model = dataplane.get_model_from_registry(model_name)

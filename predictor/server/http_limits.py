@@ -18,7 +18,7 @@ request path:
   400 naming the body before any of it is read).
 
 When a body is cut, the application sees a client that left; the reason is left in the ASGI
-scope's state (`CLOSED_STATE`) so that `predictor.logs` logs it as one WARNING line with the
+scope's state (`CLOSED_STATE`) so that `predictor.server.logs` logs it as one WARNING line with the
 status, not as a client that left.
 """
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
+from predictor.engine.patch_embedding import use_matmul_patch_embeddings
 from predictor.errors import StartupError
-from predictor.patch_embedding import use_matmul_patch_embeddings
 from predictor.settings import Settings
 
 logger = logging.getLogger(__name__)

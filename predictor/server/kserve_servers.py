@@ -5,9 +5,9 @@ and `GRPCServer` (the interceptors and channel options) itself, with no way to p
 `install()` puts these subclasses where `ModelServer.start()` looks them up, so everything
 else of KServe's start-up (routes, signal handling, the model registry) stays KServe's:
 
-- REST: uvicorn runs `predictor.admission`'s protocol (the door that answers 503 when the
-  engine is full, and `predictor.http_limits`' header size limit, header and body deadlines),
-  and KServe's logging exception handlers are replaced by quiet ones (`predictor.logs`);
+- REST: uvicorn runs `predictor.server.admission`'s protocol (the door that answers 503 when the
+  engine is full, and `predictor.server.http_limits`' header size limit, header and body deadlines),
+  and KServe's logging exception handlers are replaced by quiet ones (`predictor.server.logs`);
 - gRPC: KServe's exception interceptor, which logs a traceback for every rejected call,
   becomes one that logs a refusal as one WARNING line (a traceback only for INTERNAL), and a
   cancelled call as one INFO line; the HTTP/2 handshake must finish within the header deadline.
@@ -40,11 +40,12 @@ from kserve.protocol.grpc.servicer import InferenceServicer
 from kserve.protocol.rest.server import RESTServer
 from timing_asgi import TimingMiddleware
 
-from predictor.admission import Door, check_uvicorn, door_protocol
-from predictor.grpc_server import model_config_handler
-from predictor.health import GuardedRepository, HealthDataPlane
-from predictor.http_limits import ClientLimits
-from predictor.logs import RequestLogMiddleware, install_quiet_exception_handlers, one_line
+from predictor.server.admission import Door, check_uvicorn, door_protocol
+from predictor.server.grpc_model_config import model_config_handler
+from predictor.server.health import GuardedRepository, HealthDataPlane
+from predictor.server.http_limits import ClientLimits
+from predictor.server.logs import RequestLogMiddleware, install_quiet_exception_handlers, one_line
+from predictor.server.request_limits import request_bytes_limit
 from predictor.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -148,7 +149,7 @@ class QuietGRPCServer(GRPCServer):
             ],
         )
         grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
-        # Triton's ModelConfig beside KServe's methods (predictor.grpc_server).
+        # Triton's ModelConfig beside KServe's methods (predictor.server.grpc_model_config).
         self._server.add_generic_rpc_handlers((model_config_handler(self._data_plane),))
         listen_addr = f"[::]:{self._port}"
         self._server.add_insecure_port(listen_addr)
@@ -169,11 +170,8 @@ def install(kserve_model_server: Any, limits: ClientLimits, door: Door | None = 
 
 
 def harden(server: Any, kserve_model_server: Any, model: Any, settings: Settings) -> None:
-    """Everything `predictor.health`, `predictor.admission`, `predictor.http_limits` and
-    `predictor.logs` change in a `kserve.ModelServer` that is built but not started (call
-    before adding routes)."""
-    from predictor.server import request_bytes_limit  # the largest valid request
-
+    """Everything this package's `health`, `admission`, `http_limits` and `logs` change in a
+    `kserve.ModelServer` that is built but not started (call before adding routes)."""
     enabled = settings.enable_model_repository
     registry = server.registered_models
     server.dataplane = HealthDataPlane(registry, [model], repository_enabled=enabled)

@@ -12,7 +12,7 @@ This module replaces the generated operations of those routes with the real cont
   answer, the Server-Sent Event stream of `ChatCompletionChunk`s, OpenAI-shaped errors;
 - models and Triton's model configuration.
 
-The v2 models here only document: the v2 route parses with `predictor.rest` and
+The v2 models here only document: the v2 route parses with `predictor.server.rest` and
 `predictor.protocol`, and tests check that these models name the same inputs, outputs and
 parameters and that real answers validate against them.
 """

@@ -18,7 +18,7 @@ the engine. gRPC requests, which have no door, take their place on the request p
 A refused request's body is read and thrown away before the connection closes (a close with
 unread bytes would reset the connection, and the client could lose the 503 with it). While
 the server drains, every response also closes its connection, so keep-alive clients
-reconnect to another replica (`predictor.drain`).
+reconnect to another replica (`predictor.server.drain`).
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, RequestResponseCycle
 
 from predictor.errors import Unavailable
-from predictor.http_limits import ClientLimits, LimitedHttpToolsProtocol
-from predictor.logs import REQUEST_ID_HEADER, request_id_from_headers, where
 from predictor.openai.protocol import error_body
+from predictor.server.http_limits import ClientLimits, LimitedHttpToolsProtocol
+from predictor.server.logs import REQUEST_ID_HEADER, request_id_from_headers, where
 
 logger = logging.getLogger("predictor.requests")
 Scope = dict[str, Any]
@@ -99,7 +99,7 @@ class Door:
 
 
 class DoorProtocol(LimitedHttpToolsProtocol):
-    """uvicorn's httptools protocol (with `predictor.http_limits`' limits) and the door.
+    """uvicorn's httptools protocol (with `predictor.server.http_limits`' limits) and the door.
 
     uvicorn starts a request's ASGI task in `_start_asgi_task` once its headers are in (or,
     for a pipelined request, once the one before it is answered); the door sits there."""

@@ -15,7 +15,7 @@ two tracebacks and an HTTP 500. Here, on every REST route:
 Every response carries `x-request-id`: the client's own, if it sent a sane one, else a new id.
 KServe's exception handlers are replaced by `quiet_exception_handlers` (same statuses and
 bodies, no logging) so that this middleware is the only place that logs a refusal, but for
-the 503s the door gives before a request reaches the app (`predictor.admission`), which it
+the 503s the door gives before a request reaches the app (`predictor.server.admission`), which it
 logs itself in the same form.
 """
 
@@ -42,7 +42,7 @@ from kserve.errors import (
 from starlette.requests import ClientDisconnect
 
 from predictor.errors import RepositoryDisabled
-from predictor.http_limits import CLOSED_STATE
+from predictor.server.http_limits import CLOSED_STATE
 
 logger = logging.getLogger("predictor.requests")
 REQUEST_ID_HEADER = b"x-request-id"
@@ -154,7 +154,7 @@ class RequestLogMiddleware:
 
     def _client_left(self, scope: Scope) -> None:
         cut = scope.get("state", {}).get(CLOSED_STATE)  # the server cut the body, see
-        if cut is not None:  # predictor.http_limits: a refusal, not a client that left
+        if cut is not None:  # predictor.server.http_limits: a refusal, not a client that left
             logger.warning("%s: %s; closed", self._where(scope), cut)
         else:
             logger.info("%s: client left before the answer", self._where(scope))
@@ -183,7 +183,7 @@ def _quiet(status: int) -> Callable[[Request, Exception], Any]:
 
 
 # KServe's exception classes and their statuses (kserve/errors.py), and ours without a
-# handler of their own. QueueFull and DeadlineExceeded keep `predictor.rest`'s handlers.
+# handler of their own. QueueFull and DeadlineExceeded keep `predictor.server.rest`'s handlers.
 QUIET_STATUSES: tuple[tuple[type[BaseException], int], ...] = (
     (InvalidInput, 400),
     (ModelNotFound, 404),

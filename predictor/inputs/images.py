@@ -14,11 +14,8 @@ here, before anything touches the processor or the model:
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 import math
-import re
 import warnings
 from dataclasses import dataclass
 
@@ -29,10 +26,10 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2.functional import resize as resize_tensor
 
 from predictor.errors import InvalidRequest
+from predictor.params import PixelBudget
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 MAX_ASPECT_RATIO = 200  # Qwen-VL's processors refuse images more elongated than this.
-_DATA_URL = re.compile(r"^data:image/[A-Za-z0-9.+-]+;base64,", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -41,25 +38,6 @@ class ImageLimits:
 
     max_bytes: int
     max_decoded_pixels: int
-
-
-@dataclass(frozen=True)
-class PixelBudget:
-    """The model-input pixel range of one image, as Qwen-VL's `min_pixels`/`max_pixels`."""
-
-    min_pixels: int
-    max_pixels: int
-
-
-def decode_base64(text: str, field: str) -> bytes:
-    """Strict base64 (or a base64 data URL) to bytes; anything else is the client's error."""
-    payload = _DATA_URL.sub("", text.strip(), count=1)
-    if payload.startswith("data:"):
-        raise InvalidRequest(field, "only base64 image data URLs are accepted")
-    try:
-        return base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise InvalidRequest(field, f"is not valid base64 ({exc})") from None
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ Why so strict: a URL is a request for the server to read something. `data:` URLs
 
 - from the hosts in `--remote_image_hosts` (any host if empty);
 - only from public addresses: the host is resolved and every address checked
-  (`predictor.addresses`; loopback, private, link-local, multicast, reserved and unspecified
+  (`predictor.inputs.addresses`; loopback, private, link-local, multicast, reserved and unspecified
   ones are refused, IPv4, IPv6 and v4-mapped alike, unless `--remote_image_allow_networks`
   admits them), and the connection goes to the checked address, not to a second lookup of
   the name; the URL's host still names the server in the `Host` header and in TLS (SNI and
@@ -28,9 +28,9 @@ from urllib.parse import urljoin
 
 import httpx
 
-from predictor.addresses import AddressPolicy, AddressRefused, Resolver
 from predictor.errors import InvalidRequest
-from predictor.images import decode_base64
+from predictor.inputs.addresses import AddressPolicy, AddressRefused, Resolver
+from predictor.protocol import decode_base64
 
 REDIRECTS = (301, 302, 303, 307, 308)
 

@@ -1,0 +1,65 @@
+"""The unit of work between the front and the engine: a row is one conversation to complete.
+
+Why a module of its own: the request path builds rows (`predictor.model`, `predictor.openai`),
+the processor fills in their model inputs (`predictor.inputs.preprocessing`) and the engine
+decodes them (`predictor.engine`). Each of those imports this module and none imports another
+for it, so the front's packages and the engine's stay apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+from predictor.params import SamplingParams
+
+StopCheck = Callable[[], bool]
+TextSink = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class EncodedRow:
+    """A row's model inputs, computed before its batch: the processor's tensors (CPU; with
+    `pixel_values` until the vision encoder has run) and the vision encoder's output."""
+
+    tensors: dict[str, torch.Tensor]
+    image_features: Any = None  # the vision encoder's output (a transformers ModelOutput)
+
+    @property
+    def needs_vision(self) -> bool:
+        return "pixel_values" in self.tensors
+
+
+@dataclass(frozen=True)
+class Row:
+    """One conversation to complete: chat messages whose `{"type": "image"}` parts stand for
+    `images`, in order. Images are already at their model-input size (`images.prepare_image`).
+    """
+
+    images: tuple[Image.Image, ...]
+    messages: tuple[dict[str, Any], ...]
+    sampling: SamplingParams
+    group: int = 0  # the request it belongs to; only matters for seeded rows
+    inputs: EncodedRow | None = field(default=None, compare=False)  # see Generator.encode
+    on_text: TextSink | None = field(default=None, compare=False)  # streamed text deltas
+
+    @classmethod
+    def single(cls, image: Image.Image, prompt: str, sampling: SamplingParams, **kw: Any) -> Row:
+        """The OIP v2 case: one user turn, the image then the prompt."""
+        content = [{"type": "image"}, {"type": "text", "text": prompt}]
+        return cls((image,), ({"role": "user", "content": content},), sampling, **kw)
+
+    @property
+    def batch_key(self) -> tuple:
+        """Rows with equal keys can share one generate call."""
+        s = self.sampling
+        key = (s.temperature, s.top_p, s.top_k, s.repetition_penalty, s.min_new_tokens, s.seed)
+        return key if s.seed is None else (*key, self.group)
+
+
+StopCheck = Callable[[], bool]
+TextSink = Callable[[str], None]
