@@ -29,9 +29,7 @@ HEADER_TIMEOUT_S = 1.5
 BODY_TIMEOUT_S = 1.5
 SLACK_S = 1.0  # scheduling on shared CPUs
 MAX_IMAGE_BYTES = 100_000
-MAX_BODY_BYTES = (
-    2 * MAX_IMAGE_BYTES * 4 // 3 + 1024 * 1024
-)  # request_limits' formula
+MAX_BODY_BYTES = 2 * MAX_IMAGE_BYTES * 4 // 3 + 1024 * 1024  # request_limits' formula
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ The page itself is driven in a real browser by tests/test_ui_browser.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from fnmatch import fnmatch
@@ -16,7 +17,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from predictor.params import MAX_SEED, PixelBudget, RequestLimits
+from predictor.params import MAX_SEED, PixelBudget, RequestLimits, SamplingDefaults
 from predictor.settings import Settings, build_parser
 from predictor.ui.routes import ASSETS, PAGE, page_config, register_ui_routes
 
@@ -65,6 +66,19 @@ def test_page_carries_the_server_defaults_and_limits(client: TestClient) -> None
     assert config["limits"]["max_pixels"] == 1_003_520
     assert config["limits"]["seed"] == str(MAX_SEED)
     assert config["limits"]["max_image_bytes"] == Settings().max_image_bytes
+
+
+def test_page_shows_the_sampling_defaults_a_silent_request_gets() -> None:
+    """With the checkpoint's defaults (Qwen3-VL's generation_config.json), the page starts at
+    them, not at greedy values: its requests then sample as an API client's would."""
+    qwen3 = SamplingDefaults.from_generation_config(
+        {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20}
+    )
+    limits = dataclasses.replace(LIMITS, sampling_defaults=qwen3)
+    config = page_config("qwen-vl", Settings(), limits)
+    assert config["defaults"]["temperature"] == 0.7
+    assert config["defaults"]["top_p"] == 0.8
+    assert config["defaults"]["top_k"] == 20
 
 
 def test_a_prompt_cannot_close_the_config_block(client: TestClient) -> None:

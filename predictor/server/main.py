@@ -7,6 +7,7 @@ Order matters: the model loads and warms up before the server starts listening, 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import gc
 import logging
@@ -51,8 +52,16 @@ def use_event_loop(choice: str) -> None:
     logger.info("event loop: uvloop")
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def argument_parser() -> argparse.ArgumentParser:
+    """KServe's flags and ours: what `python -m predictor --help` lists (and
+    docs/configuration.md documents, from this same parser)."""
     # Imported here: KServe parses sys.argv when its model_server module is imported.
+    from kserve import model_server as kserve_server
+
+    return build_parser(parents=[kserve_server.parser])
+
+
+def main(argv: Sequence[str] | None = None) -> None:
     from kserve import ModelServer
     from kserve import model_server as kserve_server
 
@@ -67,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from predictor.server.rest import register_config_routes, register_infer_routes
     from predictor.ui.routes import page_config, register_ui_routes
 
-    parser = build_parser(parents=[kserve_server.parser])
+    parser = argument_parser()
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_args(args)

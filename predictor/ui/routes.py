@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request, Response
 
-from predictor.params import MAX_SEED, MAX_TEMPERATURE, MAX_TOP_K, RequestLimits, SamplingParams
+from predictor.params import MAX_SEED, MAX_TEMPERATURE, MAX_TOP_K, RequestLimits
 from predictor.settings import Settings
 
 PAGE = "index.html"
@@ -42,13 +42,18 @@ SECURITY_HEADERS = {
 
 
 def page_config(model_name: str, settings: Settings, limits: RequestLimits) -> dict[str, Any]:
-    """What the page needs to know that no public route says: defaults and limits."""
-    sampling = SamplingParams(max_new_tokens=limits.max_new_tokens)  # a request's defaults
+    """What the page needs to know that no public route says: defaults and limits.
+
+    The sampling defaults are the resolved ones a silent request gets (`--generation_config`:
+    the checkpoint's, or greedy), since the page sends every field it shows: showing plain
+    greedy values would make the page's requests differ from an API client's.
+    """
+    sampling = limits.sampling_defaults
     return {
         "model": model_name,
         "default_prompt": settings.default_prompt,
         "defaults": {
-            "max_tokens": sampling.max_new_tokens,
+            "max_tokens": limits.max_new_tokens,
             "temperature": sampling.temperature,
             "top_p": sampling.top_p,
             "top_k": sampling.top_k,
