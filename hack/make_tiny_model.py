@@ -507,15 +507,34 @@ def train_tokenizer(out_dir: Path, family: str = "qwen3-vl") -> dict[str, int]:
     return ids | {"vocab_size": int(text["vocab_size"])}
 
 
-def tiny_config(family: str) -> dict[str, Any]:
-    """The real config.json of the family with the sizes of `TINY`."""
+# With --depth real, these keep the real checkpoint's values: its number of layers and blocks
+# and the index lists that point into them.
+REAL_DEPTH_KEYS = (
+    "num_hidden_layers",
+    "max_window_layers",
+    "depth",
+    "deepstack_visual_indexes",
+    "fullatt_block_indexes",
+)
+DEPTHS = ("tiny", "real")
+
+
+def tiny_config(family: str, depth: str = "tiny") -> dict[str, Any]:
+    """The real config.json of the family with the sizes of `TINY`; with `depth` "real", the
+    real number of layers and vision blocks at the tiny widths (a model whose arithmetic is
+    negligible, so what a decoding step costs is the framework's time per layer)."""
     config = copy.deepcopy(REAL_CONFIGS[family])
+    real = copy.deepcopy(config)
     sizes = TINY[family]
     text = config.get("text_config", config)
     section = sizes["text"]["mrope_section"]
     text.update({k: v for k, v in sizes["text"].items() if k != "mrope_section"})
     text["rope_scaling"]["mrope_section"] = section
     config["vision_config"].update(sizes["vision"])
+    if depth == "real":
+        real_text = real.get("text_config", real)
+        for target, source in ((text, real_text), (config["vision_config"], real["vision_config"])):
+            target.update({k: source[k] for k in REAL_DEPTH_KEYS if k in source})
     # The vision encoder's output width is the decoder's (`hidden_size` in Qwen2-VL's layout).
     key = "hidden_size" if family == "qwen2-vl" else "out_hidden_size"
     config["vision_config"][key] = text["hidden_size"]
@@ -539,7 +558,7 @@ def build_processor(out_dir: Path, family: str) -> Any:
     return AutoProcessor.from_pretrained(out_dir)
 
 
-def make_tiny_model(out_dir: Path, family: str = "qwen3-vl") -> Path:
+def make_tiny_model(out_dir: Path, family: str = "qwen3-vl", depth: str = "tiny") -> Path:
     """Write the checkpoint into out_dir (created if missing) and return it."""
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
@@ -550,7 +569,7 @@ def make_tiny_model(out_dir: Path, family: str = "qwen3-vl") -> Path:
     for stale in ("chat_template.jinja", "processor_config.json", "special_tokens_map.json"):
         (out_dir / stale).unlink(missing_ok=True)
     train_tokenizer(out_dir, family)
-    config_json = tiny_config(family)
+    config_json = tiny_config(family, depth)
     _write_json(out_dir / "config.json", config_json)
     config = AutoConfig.from_pretrained(out_dir)
     torch.manual_seed(SEED)
@@ -571,7 +590,8 @@ def make_tiny_model(out_dir: Path, family: str = "qwen3-vl") -> Path:
     _write_json(out_dir / "generation_config.json", GENERATION_CONFIGS[family])
     write_processor_files(out_dir, family)
     _write_json(
-        out_dir / "TINY_MODEL.json", {"family": family, "seed": SEED, "random_weights": True}
+        out_dir / "TINY_MODEL.json",
+        {"family": family, "depth": depth, "seed": SEED, "random_weights": True},
     )
     return out_dir
 
@@ -580,9 +600,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path, help="directory to write the checkpoint into")
     parser.add_argument("--family", choices=FAMILIES, default="qwen3-vl")
+    parser.add_argument(
+        "--depth",
+        choices=DEPTHS,
+        default="tiny",
+        help="tiny: 2 layers; real: the real model's layers and vision blocks, tiny widths",
+    )
     args = parser.parse_args()
-    path = make_tiny_model(args.out_dir, args.family)
-    print(f"wrote tiny {args.family} checkpoint to {path}")
+    path = make_tiny_model(args.out_dir, args.family, args.depth)
+    print(f"wrote tiny {args.family} checkpoint ({args.depth} depth) to {path}")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from kserve.protocol.infer_type import InferRequest, InferResponse
 
 from predictor import metrics
 from predictor.engine.client import RemoteEngine
+from predictor.engine.decode_step import configure_compile_cache
 from predictor.engine.generation import Generator
 from predictor.engine.loading import load_checkpoint_sampling, load_model, load_processor
 from predictor.engine.scheduler import Engine, EngineConfig, Reservation
@@ -37,7 +38,7 @@ from predictor.protocol import (
     build_infer_response,
     parse_infer_request,
 )
-from predictor.rows import Row
+from predictor.rows import Row, check_fits
 from predictor.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -109,23 +110,20 @@ class QwenVLModel(Model):
         started = time.perf_counter()
         if self.settings.engine_process:
             return self._load_engine_process(started)
+        configure_compile_cache(self.settings.compile_cache_dir if self.settings.compile else None)
         loaded = load_model(self.settings)
         self.generator = Generator(
-            loaded.model,
-            loaded.processor,
-            static_cache=self.settings.compile,
-            trace_vision=self.settings.trace_vision,
+            loaded.model, loaded.processor, trace_vision=self.settings.trace_vision
         )
         self.preprocessor = self.generator
         self.limits = self._request_limits(
             self.generator.default_budget, self.generator.checkpoint_sampling
         )
-        if self.settings.warmup:
-            self.generator.warm_up()
         self.engine = Engine(
             self.generator,
             self.name,
             EngineConfig.from_settings(self.settings),
+            warm_up=self.settings.warmup,
         )
         self.ready = True
         self.loaded_at = time.time()
@@ -178,6 +176,7 @@ class QwenVLModel(Model):
             max_pixels_limit=cap,
             max_images_per_request=self.settings.max_images_per_request,
             sampling_defaults=sampling,
+            max_model_len=self.settings.max_model_len,
         )
 
     def stop(self) -> None:
@@ -293,7 +292,9 @@ class QwenVLModel(Model):
                 data, self.image_limits, field, parsed.budget, generator.resize_factor
             )
             row = Row.single(image, prompt, parsed.sampling)
-            rows.append(replace(row, inputs=generator.encode(row)))
+            row = replace(row, inputs=generator.encode(row))
+            check_fits(row, self.settings.max_model_len, "max_new_tokens")
+            rows.append(row)
         return rows
 
     async def predict(

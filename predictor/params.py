@@ -103,6 +103,7 @@ class RequestLimits:
     max_pixels_limit: int
     max_images_per_request: int
     sampling_defaults: SamplingDefaults = SamplingDefaults()
+    max_model_len: int = 4096  # prompt and output tokens of one row
 
 
 GENERATION_PARAMETERS = (

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from predictor.errors import InvalidRequest
 from predictor.params import SamplingParams
 
 StopCheck = Callable[[], bool]
@@ -63,3 +64,18 @@ class Row:
 
 StopCheck = Callable[[], bool]
 TextSink = Callable[[str], None]
+
+
+def check_fits(row: Row, max_model_len: int, field: str) -> None:
+    """Refuse (400, naming `field`) a row whose prompt and token limit exceed the tokens a
+    batch slot holds (`--max_model_len`), before it reaches the engine; `row.inputs` must be
+    encoded (its token count includes the image tokens)."""
+    assert row.inputs is not None
+    prompt = int(row.inputs.tensors["input_ids"].shape[1])
+    wanted = row.sampling.max_new_tokens
+    if prompt + wanted > max_model_len:
+        raise InvalidRequest(
+            field,
+            f"the prompt's {prompt} tokens (images included) and {wanted} new tokens exceed "
+            f"this server's context of {max_model_len} tokens (--max_model_len)",
+        )

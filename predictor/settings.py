@@ -50,7 +50,9 @@ class Settings:
     max_image_bytes: int = 20 * MIB
     max_decoded_pixels: int = 50_000_000
     warmup: bool = True
-    compile: bool = False
+    compile: bool = True
+    compile_cache_dir: str = "/var/cache/qwen-vl"
+    max_model_len: int = 4096
     trace_vision: bool = True
     engine_process: bool = True
     cpu_threads: int = 0
@@ -96,6 +98,7 @@ class Settings:
             "max_decoded_pixels",
             "max_batch_size",
             "max_queue_size",
+            "max_model_len",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -188,7 +191,8 @@ def build_parser(parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.Ar
         "--dtype",
         choices=DTYPES,
         default=_env("dtype", d.dtype),
-        help="weights dtype; auto is bfloat16 on GPU, float32 on CPU",
+        help="weights dtype; auto: bfloat16 on a GPU that has it (else float16) and on a CPU "
+        "with native bfloat16 matmuls (AMX, AVX512-BF16), else float32",
     )
     runtime.add_argument(
         "--device",
@@ -200,7 +204,7 @@ def build_parser(parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.Ar
         "--quantization",
         choices=QUANTIZATIONS,
         default=_env("quantization", d.quantization),
-        help="load weights in 4 or 8 bits with bitsandbytes (CUDA only)",
+        help="load weights in 4 or 8 bits with bitsandbytes, on a GPU or a CPU",
     )
     runtime.add_argument(
         "--attn_implementation",
@@ -219,8 +223,22 @@ def build_parser(parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.Ar
         "--compile",
         type=_bool,
         default=_env("compile", d.compile, _bool),
-        help="CUDA only: static KV cache plus torch.compile; faster decoding after a warm-up "
-        "that compiles (minutes for an 8B model)",
+        help="compile the decoding step with torch.compile at warm-up, before ready (CUDA "
+        "graphs on a GPU); false: the same step, eager",
+    )
+    runtime.add_argument(
+        "--compile_cache_dir",
+        default=_env("compile_cache_dir", d.compile_cache_dir),
+        help="where compiled graphs are kept across restarts (the image keeps this "
+        "directory); an unwritable one only means compiling again",
+    )
+    runtime.add_argument(
+        "--max_model_len",
+        type=int,
+        default=_env("max_model_len", d.max_model_len, int),
+        help="tokens one row may hold, prompt (image tokens included) and output: each batch "
+        "slot's KV cache is this long, allocated at start-up; a request that cannot fit is "
+        "refused with 400",
     )
 
     runtime.add_argument(

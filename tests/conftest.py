@@ -58,4 +58,4 @@ def loaded_family(request: pytest.FixtureRequest) -> LoadedModel:
     from predictor.settings import Settings
 
     model_dir: Path = request.getfixturevalue(TINY_MODEL_FIXTURES[request.param])
-    return load_model(Settings(model_dir=str(model_dir), device="cpu"))
+    return load_model(Settings(model_dir=str(model_dir), device="cpu", dtype="float32"))

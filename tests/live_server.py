@@ -87,9 +87,17 @@ class LiveServer:
         return self.log_path.read_text(errors="replace")
 
 
+TEST_DEFAULTS = (("--dtype", "float32"), ("--compile", "false"))
+
+
 @contextlib.contextmanager
 def start_server(model_dir: Path, log_path: Path, *extra_args: str) -> Iterator[LiveServer]:
     http_port, grpc_port = free_port(), free_port()
+    # Exact texts are compared in float32, and compiling the decoding step at every start
+    # would cost each test module its compile time: both as the test asks, else these.
+    for flag, value in TEST_DEFAULTS:
+        if flag not in extra_args:
+            extra_args = (*extra_args, flag, value)
     command = [
         sys.executable,
         "-m",

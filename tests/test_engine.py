@@ -1,10 +1,9 @@
-"""The batching engine in-process, on the real tiny model, in both of its modes.
+"""The batching engine in-process, on the real tiny model: its one decode path, a `RunningBatch`.
 
-Continuous batching (the default) runs a `RunningBatch`; whole-batch mode (a static cache,
-`--compile`) runs one `generate` call per batch. The model is the real one; the `Recording*`
-wrappers only record what they are handed, and the `Poisoned*` / `OutOfMemory*` ones inject a
-failure (no real input can make the tiny model fail after validation, and there is no GPU to
-run out of memory, so the fault is injected to test that it stays with its request).
+The model is the real one; the `Recording*` wrappers only record what they are handed, and the
+`Poisoned*` / `OutOfMemory*` ones inject a failure (no real input can make the tiny model fail
+after validation, and there is no GPU to run out of memory, so the fault is injected to test
+that it stays with its request).
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import torch
 from predictor import metrics
 from predictor.engine.generation import Generator
 from predictor.engine.loading import load_model
-from predictor.engine.running_batch import RunningBatch
+from predictor.engine.running_batch import RunningBatch, describe
 from predictor.engine.scheduler import Engine, EngineConfig
 from predictor.errors import DeadlineExceeded, QueueFull
 from predictor.inputs.images import fit_to_budget
@@ -34,31 +33,13 @@ pytestmark = pytest.mark.slow
 POISON = "POISON"
 
 
-class RecordingGenerator:
-    def __init__(self, generator: Generator):
-        self.generator = generator
-        self.batches: list[int] = []
-
-    def describe(self, rows, stop_checks=None, on_step=None):
-        self.batches.append(len(rows))
-        return self.generator.describe(rows, stop_checks, on_step)
-
-
 def is_poisoned(rows) -> bool:
     return any(row.messages[-1]["content"][-1]["text"] == POISON for row in rows)
 
 
-class PoisonedGenerator(RecordingGenerator):
-    def describe(self, rows, stop_checks=None, on_step=None):
-        if is_poisoned(rows):
-            self.batches.append(len(rows))
-            raise RuntimeError("injected failure")
-        return super().describe(rows, stop_checks, on_step)
-
-
 @pytest.fixture(scope="module")
 def generator(tiny_qwen3_vl: Path) -> Generator:
-    loaded = load_model(Settings(model_dir=str(tiny_qwen3_vl), device="cpu"))
+    loaded = load_model(Settings(model_dir=str(tiny_qwen3_vl), device="cpu", dtype="float32"))
     return Generator(loaded.model, loaded.processor)
 
 
@@ -112,7 +93,7 @@ def assert_poisoned_request_fails_alone(engine: Engine, generator: Generator) ->
     finally:
         engine.stop()
     assert isinstance(failed, RuntimeError) and "injected failure" in str(failed)
-    assert first == generator.describe([good[0]]) and second == generator.describe([good[1]])
+    assert first == describe(generator, [good[0]]) and second == describe(generator, [good[1]])
     assert after == first
 
 
@@ -127,7 +108,7 @@ def assert_concurrent_requests_get_their_own_text(engine: Engine, generator: Gen
         results = asyncio.run(scenario())
     finally:
         engine.stop()
-    assert [r[0] for r in results] == [generator.describe([row])[0] for row in rows]
+    assert [r[0] for r in results] == [describe(generator, [row])[0] for row in rows]
 
 
 def six_together_then_alone(engine: Engine, generator: Generator) -> list[list[Completion]]:
@@ -162,22 +143,8 @@ def short_and_long_together(engine: Engine, generator: Generator) -> tuple[Row, 
     finally:
         engine.stop()
     assert (a.generated_tokens, b.generated_tokens) == (3, 9)
-    assert a == generator.describe([short])[0]
+    assert a == describe(generator, [short])[0]
     return long, b
-
-
-def test_whole_batches_share_a_generate_call_with_the_same_greedy_tokens(generator) -> None:
-    recorder = RecordingGenerator(generator)
-    engine = engine_with(recorder, max_batch_size=8, batch_wait_ms=200, continuous=False)
-    six_together_then_alone(engine, generator)
-    assert recorder.batches[0] == 6  # six requests, one generate call
-
-
-def test_whole_batch_rows_stop_at_their_own_max_new_tokens(generator) -> None:
-    recorder = RecordingGenerator(generator)
-    engine = engine_with(recorder, max_batch_size=8, batch_wait_ms=200, continuous=False)
-    short_and_long_together(engine, generator)
-    assert recorder.batches == [2]
 
 
 def test_full_queue_refuses_at_once(generator) -> None:
@@ -227,48 +194,6 @@ def test_an_idle_engine_admits_its_free_slots_plus_its_queue(generator) -> None:
         engine.stop()
 
 
-def test_whole_batch_cancelled_request_stops_and_frees_its_slot(generator) -> None:
-    steps = []
-    recorder = RecordingGenerator(generator)
-    original = recorder.describe
-
-    def counting(rows, stop_checks=None, on_step=None):
-        def step():
-            steps.append(1)
-            if on_step:
-                on_step()
-
-        return original(rows, stop_checks, step)
-
-    recorder.describe = counting
-    engine = engine_with(recorder, max_batch_size=1, batch_wait_ms=0, continuous=False)
-
-    async def scenario():
-        task = asyncio.create_task(engine.submit(make_rows(generator, 1, 3000)))
-        await wait_until(lambda: len(steps) >= 5)
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await wait_until(lambda: engine.idle, timeout_s=5)
-        started = time.perf_counter()
-        (done,) = await engine.submit(make_rows(generator, 1, 2))
-        return done, time.perf_counter() - started
-
-    try:
-        done, took = asyncio.run(scenario())
-    finally:
-        engine.stop()
-    assert done.generated_tokens == 2
-    assert len(steps) < 1000  # stopped long before its 3000 tokens
-    assert took < 5
-
-
-def test_whole_batch_poisoned_request_fails_alone(generator) -> None:
-    poisoned = PoisonedGenerator(generator)
-    engine = engine_with(poisoned, max_batch_size=8, batch_wait_ms=200, continuous=False)
-    assert_poisoned_request_fails_alone(engine, generator)
-    assert poisoned.batches[0] == 3  # they were batched together, then isolated
-
-
 def test_deadline_ends_a_request_and_frees_the_engine(generator) -> None:
     engine = engine_with(generator, max_batch_size=1, batch_wait_ms=0, request_timeout_s=0.5)
 
@@ -283,24 +208,7 @@ def test_deadline_ends_a_request_and_frees_the_engine(generator) -> None:
         engine.stop()
 
 
-class OutOfMemoryOnBatches(RecordingGenerator):
-    """Injects CUDA's out-of-memory error for any batch of more than one row (no GPU here)."""
-
-    def describe(self, rows, stop_checks=None, on_step=None):
-        self.batches.append(len(rows))
-        if len(rows) > 1:
-            raise torch.OutOfMemoryError("injected: CUDA out of memory")
-        return self.generator.describe(rows, stop_checks, on_step)
-
-
-def test_whole_batch_out_of_memory_splits_the_batch_until_it_fits(generator) -> None:
-    oom = OutOfMemoryOnBatches(generator)
-    engine = engine_with(oom, max_batch_size=8, batch_wait_ms=200, continuous=False)
-    assert_concurrent_requests_get_their_own_text(engine, generator)
-    assert oom.batches == [4, 2, 1, 1, 2, 1, 1]
-
-
-# ---- continuous batching ----------------------------------------------------------------
+# ---- the running batch ----------------------------------------------------------------
 
 
 class RecordingBatch(RunningBatch):
@@ -309,8 +217,8 @@ class RecordingBatch(RunningBatch):
     admissions: list[int]
     steps: list[int]
 
-    def __init__(self, generator: Generator):
-        super().__init__(generator)
+    def __init__(self, generator: Generator, *args):
+        super().__init__(generator, *args)
         self.admissions, self.steps = [], []
 
     def admit(self, rows, owners, stop_checks):
@@ -325,13 +233,12 @@ class RecordingBatch(RunningBatch):
 def continuous_engine(generator, batch_class=RecordingBatch, **config):
     batches: list[RecordingBatch] = []
 
-    def make(gen):
-        batch = batch_class(gen)
+    def make(gen, *args):
+        batch = batch_class(gen, *args)
         batches.append(batch)
         return batch
 
     engine = Engine(generator, "engine-test", EngineConfig(**config), running_batch=make)
-    assert engine.continuous
     return engine, batches
 
 
@@ -341,7 +248,7 @@ def test_concurrent_requests_decode_together_with_the_same_greedy_tokens(generat
     (batch,) = batches
     assert batch.admissions[0] == 6 and batch.steps[0] == 6  # one prefill, steps of six rows
     rows = make_rows(generator, 6)
-    assert [c[0] for c in together] == [generator.describe([row])[0] for row in rows]
+    assert [c[0] for c in together] == [describe(generator, [row])[0] for row in rows]
 
 
 def test_a_request_arriving_mid_decode_joins_the_running_batch(generator) -> None:
@@ -364,8 +271,8 @@ def test_a_request_arriving_mid_decode_joins_the_running_batch(generator) -> Non
     assert still_running  # the short request was answered while the long one decoded
     assert steps[0] == 1 and max(steps) == 2 and steps[-1] == 1
     assert finished.generated_tokens == 400
-    assert joined == generator.describe([short])[0]
-    assert finished == generator.describe([long])[0]
+    assert joined == describe(generator, [short])[0]
+    assert finished == describe(generator, [long])[0]
 
 
 def test_rows_with_different_max_new_tokens_decode_together_and_stop_at_their_own(
@@ -375,7 +282,7 @@ def test_rows_with_different_max_new_tokens_decode_together_and_stop_at_their_ow
     long, b = short_and_long_together(engine, generator)
     assert batches[0].admissions == [2]
     assert batches[0].steps[:2] == [2, 2] and batches[0].steps[-1] == 1
-    assert b == generator.describe([long])[0]
+    assert b == describe(generator, [long])[0]
 
 
 def test_a_seeded_sampled_request_gives_the_same_text_alone_or_beside_others(generator) -> None:
@@ -454,25 +361,21 @@ def test_out_of_memory_on_admission_splits_the_rows_until_they_fit(generator) ->
 
 
 class OutOfMemoryOnceWhileDecoding(RecordingBatch):
-    """CUDA's out-of-memory error in the middle of the third step's forward pass, once."""
+    """CUDA's out-of-memory error in the last layer of the third step, once: the first layer
+    has already written its keys for the step, so the step must leave the rows as they were."""
 
     def step(self):
         if len(self.steps) == 2 and not getattr(self, "failed", False):
             self.failed = True
-            layer = self.cache.layers[0]  # a layer that already ran: the step must undo it
-            layer.keys = torch.cat([layer.keys, layer.keys[:, :, -1:]], dim=2)
-            layer.values = torch.cat([layer.values, layer.values[:, :, -1:]], dim=2)
-            self.model_forward_failed()
+            last = self.decode.layers[-1]
+            original = last.forward
+
+            def failing(*args, **kwargs):
+                last.forward = original
+                raise torch.OutOfMemoryError("injected: CUDA out of memory")
+
+            last.forward = failing
         return super().step()
-
-    def model_forward_failed(self):
-        original = self.model.forward
-
-        def failing(*args, **kwargs):
-            self.model.forward = original
-            raise torch.OutOfMemoryError("injected: CUDA out of memory")
-
-        self.model.forward = failing
 
 
 def test_out_of_memory_while_decoding_fails_the_newest_rows_and_the_rest_go_on(
@@ -493,7 +396,7 @@ def test_out_of_memory_while_decoding_fails_the_newest_rows_and_the_rest_go_on(
     assert batches[0].steps[:4] == [4, 4, 4, 2]  # the third step failed; two rows went on
     assert [isinstance(r, RuntimeError) for r in results] == [False, False, True, True]
     assert "out of device memory" in str(results[2])
-    assert [r[0] for r in results[:2]] == [generator.describe([row])[0] for row in rows[:2]]
+    assert [r[0] for r in results[:2]] == [describe(generator, [row])[0] for row in rows[:2]]
 
 
 @pytest.mark.parametrize(("ratio", "wait_steps"), [(0.0, 0), (0.5, 3)])
@@ -546,4 +449,4 @@ def test_a_lone_waiting_row_joins_a_busy_batch_at_once_or_after_its_wait(
     assert len(admitted_at) == 2  # the four long rows together, then the short one
     waited = admitted_at[1] - queued_at[-1]
     assert wait_steps <= waited <= wait_steps + 1
-    assert joined == generator.describe([short])[0]
+    assert joined == describe(generator, [short])[0]

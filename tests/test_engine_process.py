@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from predictor.engine.generation import Generator
 from predictor.engine.loading import load_model
+from predictor.engine.running_batch import describe
 from predictor.inputs.images import fit_to_budget
 from predictor.params import SamplingParams
 from predictor.rows import Row
@@ -89,7 +90,7 @@ def test_greedy_text_is_the_in_process_generators(server: LiveServer, tiny_qwen3
     reply = httpx.post(server.infer_url, json=infer_body(picture, 12), timeout=60)
     assert reply.status_code == 200, reply.text
 
-    loaded = load_model(Settings(model_dir=str(tiny_qwen3_vl), device="cpu"))
+    loaded = load_model(Settings(model_dir=str(tiny_qwen3_vl), device="cpu", dtype="float32"))
     generator = Generator(loaded.model, loaded.processor)
 
     image = fit_to_budget(
@@ -98,7 +99,7 @@ def test_greedy_text_is_the_in_process_generators(server: LiveServer, tiny_qwen3
         generator.resize_factor,
     )
     row = Row.single(image, "Describe this image.", SamplingParams(max_new_tokens=12))
-    assert text_of(reply) == generator.describe([row])[0].text
+    assert text_of(reply) == describe(generator, [row])[0].text
 
 
 def test_the_engines_metrics_reach_the_servers_metrics(server: LiveServer) -> None:

@@ -1,4 +1,4 @@
-"""KServe's `--event_loop` reaches the loop the server runs on (`server.use_event_loop`)."""
+"""KServe's `--event-loop` reaches the loop the server runs on (`server.use_event_loop`)."""
 
 from __future__ import annotations
 

@@ -9,13 +9,15 @@ import pytest
 import torch
 from PIL import Image
 
-from predictor.engine.generation import Generator
+from predictor.engine.generation import Generator, _RowState
 from predictor.engine.loading import load_model
+from predictor.engine.running_batch import RunningBatch, describe
 from predictor.inputs.images import ImageLimits, fit_to_budget, load_image, prepare_image
 from predictor.params import SamplingParams
 from predictor.rows import Row
 from predictor.settings import Settings
 from tests import images
+from tests.reference import reference_greedy
 
 pytestmark = pytest.mark.slow
 GREEDY = SamplingParams(max_new_tokens=8)
@@ -25,7 +27,7 @@ GREEDY = SamplingParams(max_new_tokens=8)
 def generator(request: pytest.FixtureRequest) -> Generator:
     fixture = {"qwen3-vl": "tiny_qwen3_vl", "qwen2.5-vl": "tiny_qwen2_5_vl"}[request.param]
     model_dir: Path = request.getfixturevalue(fixture)
-    loaded = load_model(Settings(model_dir=str(model_dir), device="cpu"))
+    loaded = load_model(Settings(model_dir=str(model_dir), device="cpu", dtype="float32"))
     assert loaded.dtype == torch.float32  # dtype auto on CPU
     return Generator(loaded.model, loaded.processor)
 
@@ -44,31 +46,10 @@ def rows_for(generator: Generator, sampling: SamplingParams = GREEDY) -> list[Ro
     ]
 
 
-def reference_greedy(generator: Generator, row: Row) -> str:
-    """Plain transformers, the way its model cards show: chat template, processor, generate."""
-    processor, model = generator.processor, generator.model
-    messages = list(row.messages)
-    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    inputs = processor(text=[text], images=list(row.images), return_tensors="pt")
-    with torch.inference_mode():
-        # Every value said: generate would fill the rest from the checkpoint's
-        # generation_config.json (Qwen2.5-VL's repetition_penalty 1.05).
-        output = model.generate(
-            **inputs,
-            max_new_tokens=row.sampling.max_new_tokens,
-            do_sample=False,
-            repetition_penalty=row.sampling.repetition_penalty,
-        )
-    new = output[0, inputs["input_ids"].shape[1] :].tolist()
-    stops = generator.stop_token_ids
-    cut = next((i for i, t in enumerate(new) if t in stops), len(new))
-    return processor.tokenizer.decode(new[:cut], skip_special_tokens=True)
-
-
 def test_greedy_matches_plain_transformers_exactly(generator: Generator) -> None:
     rows = rows_for(generator)
     for row in rows:
-        (completion,) = generator.describe([row])
+        (completion,) = describe(generator, [row])
         assert completion.text == reference_greedy(generator, row)
         assert completion.text.strip()
         assert completion.generated_tokens == 8 and completion.finish_reason == "length"
@@ -77,19 +58,19 @@ def test_greedy_matches_plain_transformers_exactly(generator: Generator) -> None
 
 def test_greedy_row_is_the_same_alone_or_in_a_batch(generator: Generator) -> None:
     rows = rows_for(generator)
-    alone = [generator.describe([row])[0] for row in rows]
-    together = generator.describe(rows)
+    alone = [describe(generator, [row])[0] for row in rows]
+    together = describe(generator, rows)
     assert together == alone
     assert len({c.text for c in together}) > 1  # the rows really differ
 
 
 def test_fixed_seed_reproduces_and_other_seed_differs(generator: Generator) -> None:
     seeded = rows_for(generator, SamplingParams(max_new_tokens=8, temperature=1.0, seed=5))
-    first = generator.describe(seeded)
-    assert generator.describe(seeded) == first
+    first = describe(generator, seeded)
+    assert describe(generator, seeded) == first
     other = rows_for(generator, SamplingParams(max_new_tokens=8, temperature=1.0, seed=6))
-    assert [c.text for c in generator.describe(other)] != [c.text for c in first]
-    greedy = generator.describe(rows_for(generator))
+    assert [c.text for c in describe(generator, other)] != [c.text for c in first]
+    greedy = describe(generator, rows_for(generator))
     assert [c.text for c in first] != [c.text for c in greedy]
 
 
@@ -100,22 +81,27 @@ def test_rows_with_different_limits_each_stop_at_their_own(generator: Generator)
         replace(rows[1], sampling=SamplingParams(max_new_tokens=6)),
         replace(rows[2], sampling=SamplingParams(max_new_tokens=3)),
     ]
-    completions = generator.describe(mixed)
+    completions = describe(generator, mixed)
     assert [c.generated_tokens for c in completions] == [3, 6, 3]
-    assert completions[1] == generator.describe([mixed[1]])[0]
+    assert completions[1] == describe(generator, [mixed[1]])[0]
 
 
 def test_stop_token_ends_a_completion(generator: Generator) -> None:
     stop = generator.stop_token_ids[0]
     words = generator.tokenizer.encode("a red car")
     row = rows_for(generator)[0]
-    completion = generator._completion([*words, stop, stop, stop], row, prompt_tokens=30)
+    state = _RowState(generator, row)
+    for token in [*words, stop, stop, stop]:
+        state.push(token)
+    completion = state.completion(prompt_tokens=30)
     assert (completion.text, completion.finish_reason) == ("a red car", "stop")
     assert completion.generated_tokens == len(words) + 1
 
 
 def test_warm_up_runs(generator: Generator) -> None:
-    generator.warm_up()
+    batch = RunningBatch(generator, max_rows=2, max_len=512)
+    batch.warm_up()
+    assert len(batch) == 0
 
 
 def test_processor_keeps_the_pre_resized_grid(generator: Generator) -> None:
@@ -198,4 +184,4 @@ def test_image_features_encoded_ahead_match_the_batched_vision_encoder(
     for one, together in zip(ahead.pooler_output, batched.pooler_output, strict=True):
         torch.testing.assert_close(one, together)
     encoded = [replace(r, inputs=generator.encode(r)) for r in rows]
-    assert generator.describe(encoded) == generator.describe(rows)
+    assert describe(generator, encoded) == describe(generator, rows)

@@ -1,9 +1,9 @@
-"""Sampling defaults: `--generation_config auto|none`, one rule on both engine paths.
+"""Sampling defaults: `--generation_config auto|none`, one rule on every route.
 
 Unit tests resolve request parameters against the real `generation_config.json` values; the
 model tests run the tiny Qwen3-VL and Qwen2.5-VL checkpoints, which carry those files, through
-the continuous path (`RunningBatch`) and the whole-batch path (`Generator.describe`, what
-`--compile` runs), and check what each path actually sampled: the rank of every generated
+the engine's decode path (`RunningBatch`), and check what it actually sampled: the rank of
+every generated
 token among the model's logits at its step (top_k 20 keeps them under 20; off lets them
 anywhere in a vocabulary of 151936 near-uniform logits).
 """
@@ -79,31 +79,28 @@ def test_the_request_wins_and_off_means_off() -> None:
     assert (mixed.temperature, mixed.top_p, mixed.top_k) == (0.7, 0.8, 5)
 
 
-# ---- on the tiny checkpoints, both engine paths ---------------------------------------
+# ---- on the tiny checkpoints, through the decoding step ---------------------------------------
 
 
 @pytest.fixture(scope="module", params=["qwen3-vl", "qwen2.5-vl"])
 def family_generator(request: pytest.FixtureRequest) -> tuple[str, Generator]:
     model_dir: Path = request.getfixturevalue(TINY_MODEL_FIXTURES[request.param])
-    loaded = load_model(Settings(model_dir=str(model_dir), device="cpu"))
+    loaded = load_model(Settings(model_dir=str(model_dir), device="cpu", dtype="float32"))
     return request.param, Generator(loaded.model, loaded.processor)
 
 
-def generate(generator: Generator, path: str, sampling: SamplingParams) -> list[int]:
-    """The tokens one row generates on `path`, the end-of-turn token excluded."""
+def generate(generator: Generator, sampling: SamplingParams) -> list[int]:
+    """The tokens one row generates, the end-of-turn token excluded."""
     picture = fit_to_budget(images.gradient((96, 64)), generator.default_budget, 32)
     row = Row.single(picture, "Describe this image.", sampling)
     seen: list[list[int]] = []
     decode = generator.decode
     generator.decode = lambda tokens: seen.append(list(tokens)) or decode(tokens)  # type: ignore[method-assign]
     try:
-        if path == "whole-batch":
-            generator.describe([row])
-        else:
-            batch = RunningBatch(generator)
-            batch.admit([row], [0], [None])
-            while len(batch):
-                batch.step()
+        batch = RunningBatch(generator, max_rows=2, max_len=512)
+        batch.admit([row], [0], [None])
+        while len(batch):
+            batch.step()
     finally:
         del generator.decode
     return seen[-1]
@@ -133,8 +130,7 @@ def defaults_of(generator: Generator, setting: str) -> SamplingDefaults:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", ["continuous", "whole-batch"])
-def test_auto_applies_and_none_leaves_out_the_checkpoint_defaults(family_generator, path):
+def test_auto_applies_and_none_leaves_out_the_checkpoint_defaults(family_generator):
     family, generator = family_generator
     expected = {"qwen3-vl": QWEN3, "qwen2.5-vl": QWEN2_5}[family]
     assert defaults_of(generator, "auto") == expected
@@ -142,13 +138,11 @@ def test_auto_applies_and_none_leaves_out_the_checkpoint_defaults(family_generat
 
     def texts(request: dict[str, Any], request_limits: RequestLimits) -> list[list[int]]:
         return [
-            generate(
-                generator, path, parse_generation_params({**request, "seed": s}, request_limits)[0]
-            )
+            generate(generator, parse_generation_params({**request, "seed": s}, request_limits)[0])
             for s in SEEDS
         ]
 
-    greedy = generate(generator, path, SamplingParams(max_new_tokens=16))
+    greedy = generate(generator, SamplingParams(max_new_tokens=16))
     if family == "qwen3-vl":
         sampled = texts({}, auto)  # temperature 0.7, top_p 0.8, top_k 20
         assert len({tuple(t) for t in sampled}) > 1
@@ -156,9 +150,7 @@ def test_auto_applies_and_none_leaves_out_the_checkpoint_defaults(family_generat
         assert texts({}, none) == [greedy] * len(SEEDS)
     else:
         # top_k 1 and repetition_penalty 1.05: the penalised greedy text, whatever the seed
-        penalised = generate(
-            generator, path, SamplingParams(max_new_tokens=16, repetition_penalty=1.05)
-        )
+        penalised = generate(generator, SamplingParams(max_new_tokens=16, repetition_penalty=1.05))
         assert texts({"temperature": 1.0}, auto) == [penalised] * len(SEEDS)
         assert len({tuple(t) for t in texts({"temperature": 1.0}, none)}) > 1
     # Off means off under auto: unrestricted sampling reaches far beyond the top 20.

@@ -9,7 +9,7 @@ import torch
 
 from predictor.engine.generation import Generator
 from predictor.engine.loading import load_model
-from predictor.engine.running_batch import RunningBatch
+from predictor.engine.running_batch import RunningBatch, describe
 from predictor.inputs.images import fit_to_budget
 from predictor.params import SamplingParams
 from predictor.rows import Row
@@ -22,32 +22,38 @@ pytestmark = [
 ]
 
 
-def describe(settings: Settings, static_cache: bool = False) -> list:
+def run(settings: Settings, compile_step: bool = False) -> list:
     loaded = load_model(settings)
-    generator = Generator(loaded.model, loaded.processor, static_cache=static_cache)
+    generator = Generator(loaded.model, loaded.processor)
     image = fit_to_budget(images.gradient((128, 96)), generator.default_budget, 32)
     rows = [Row.single(image, "Describe this image.", SamplingParams(max_new_tokens=8))] * 2
-    return generator.describe(rows)
+    batch = RunningBatch(generator, max_rows=4, max_len=512, compile_step=compile_step)
+    batch.warm_up()
+    done = dict(batch.admit(rows, [0, 1], [None, None]))
+    while len(batch):
+        done.update(batch.step())
+    return [done[0], done[1]]
 
 
 def test_bf16_on_cuda_by_default(tiny_qwen3_vl: Path) -> None:
     loaded = load_model(Settings(model_dir=str(tiny_qwen3_vl)))
     assert loaded.device.type == "cuda" and loaded.dtype == torch.bfloat16
-    completions = describe(Settings(model_dir=str(tiny_qwen3_vl)))
+    completions = run(Settings(model_dir=str(tiny_qwen3_vl)))
     assert [c.generated_tokens for c in completions] == [8, 8]
 
 
 @pytest.mark.parametrize("mode", ["4bit", "8bit"])
 def test_quantized_loading(tiny_qwen3_vl: Path, mode: str) -> None:
     pytest.importorskip("bitsandbytes")
-    completions = describe(Settings(model_dir=str(tiny_qwen3_vl), quantization=mode))
+    completions = run(Settings(model_dir=str(tiny_qwen3_vl), quantization=mode))
     assert all(c.generated_tokens == 8 for c in completions)
 
 
-def test_static_cache_for_compile(tiny_qwen3_vl: Path) -> None:
-    settings = Settings(model_dir=str(tiny_qwen3_vl), compile=True)
-    greedy = describe(Settings(model_dir=str(tiny_qwen3_vl)))
-    assert [c.text for c in describe(settings, static_cache=True)] == [c.text for c in greedy]
+def test_cuda_graphs_of_the_decoding_step_give_the_eager_tokens(tiny_qwen3_vl: Path) -> None:
+    """float32: the compiled step (CUDA graphs) and the eager one must agree exactly."""
+    settings = Settings(model_dir=str(tiny_qwen3_vl), dtype="float32")
+    eager = run(settings)
+    assert [c.text for c in run(settings, compile_step=True)] == [c.text for c in eager]
 
 
 def test_continuous_batching_on_cuda_gives_the_tokens_generate_gives(tiny_qwen3_vl: Path) -> None:
@@ -61,7 +67,7 @@ def test_continuous_batching_on_cuda_gives_the_tokens_generate_gives(tiny_qwen3_
             (images.solid((64, 64), (0, 0, 255)), "What colour is it?", 12),
         )
     ]
-    expected = [generator.describe([row])[0] for row in rows]
+    expected = [describe(generator, [row])[0] for row in rows]
     batch = RunningBatch(generator)
     finished = dict(batch.admit([rows[0]], [0], [None]))
     for _ in range(4):

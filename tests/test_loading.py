@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from predictor.engine.loading import (
+    cpu_has_native_bf16,
     load_model,
     quantization_config,
     resolve_device,
@@ -37,10 +38,22 @@ def test_hub_id_is_used_when_given() -> None:
     assert (source.path_or_id, source.revision) == ("Qwen/Qwen3-VL-2B-Instruct", "main")
 
 
-def test_dtype_auto_is_float32_on_cpu_and_bfloat16_on_cuda() -> None:
-    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
-    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+def test_dtype_auto_is_bfloat16_where_matmuls_have_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No GPU here: `torch.cuda.is_bf16_supported` is set to what a T4 and an H100 answer."""
+    from predictor.engine import loading
+
+    for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(loading, "cpu_has_native_bf16", lambda native=native: native)
+        assert resolve_dtype("auto", torch.device("cpu")) == expected
+    for supported, expected in ((True, torch.bfloat16), (False, torch.float16)):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda s=supported: s)
+        assert resolve_dtype("auto", torch.device("cuda")) == expected
     assert resolve_dtype("float16", torch.device("cpu")) == torch.float16
+
+
+def test_this_cpu_flag_reading_finds_what_proc_cpuinfo_says() -> None:
+    flags = Path("/proc/cpuinfo").read_text()
+    assert cpu_has_native_bf16() == ("amx_bf16" in flags or "avx512_bf16" in flags)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
@@ -51,10 +64,26 @@ def test_cuda_without_a_device_is_a_startup_error() -> None:
 
 
 @pytest.mark.parametrize("mode", ["4bit", "8bit"])
-def test_quantization_needs_bitsandbytes_and_cuda(mode: str) -> None:
-    with pytest.raises(StartupError, match=r"bitsandbytes|CUDA device"):
-        quantization_config(mode, torch.device("cpu"), torch.float32)
+def test_quantization_on_a_cpu_is_bitsandbytes(mode: str) -> None:
+    pytest.importorskip("bitsandbytes")
+    config = quantization_config(mode, torch.device("cpu"), torch.bfloat16)
+    assert config.load_in_4bit == (mode == "4bit") and config.load_in_8bit == (mode == "8bit")
     assert quantization_config("none", torch.device("cpu"), torch.float32) is None
+
+
+def test_quantization_without_bitsandbytes_is_a_startup_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "bitsandbytes" else real(name, *a),
+    )
+    with pytest.raises(StartupError, match="needs bitsandbytes"):
+        quantization_config("4bit", torch.device("cpu"), torch.float32)
 
 
 @pytest.mark.slow
@@ -65,7 +94,7 @@ def test_a_non_qwen_vl_checkpoint_is_refused(tiny_qwen3_vl: Path, tmp_path: Path
     config["model_type"] = "llava"
     (copy / "config.json").write_text(json.dumps(config))
     with pytest.raises(StartupError, match="'llava' model"):
-        load_model(Settings(model_dir=str(copy), device="cpu"))
+        load_model(Settings(model_dir=str(copy), device="cpu", dtype="float32"))
 
 
 @pytest.mark.slow
@@ -81,9 +110,12 @@ def test_every_family_loads(
     request: pytest.FixtureRequest, fixture: str, model_type: str, factor: int
 ) -> None:
     from predictor.engine.generation import Generator
+    from predictor.engine.running_batch import RunningBatch
 
-    loaded = load_model(Settings(model_dir=str(request.getfixturevalue(fixture)), device="cpu"))
+    loaded = load_model(
+        Settings(model_dir=str(request.getfixturevalue(fixture)), device="cpu", dtype="float32")
+    )
     assert loaded.model_type == model_type
     generator = Generator(loaded.model, loaded.processor)
     assert generator.resize_factor == factor
-    generator.warm_up()
+    RunningBatch(generator, max_rows=2, max_len=512).warm_up()

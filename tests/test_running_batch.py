@@ -1,8 +1,8 @@
 """The continuous-batching decode loop on every tiny Qwen-VL family, against `generate`.
 
-Rows join a `RunningBatch` at different steps (so their caches are padded differently) and
-must still give exactly the tokens that `Generator.describe` (transformers' `generate`) gives
-each of them alone.
+Rows join a `RunningBatch` at different steps (each in a cache slot of its own, at its own
+length; rows that leave hand their slot to the last row) and must still give exactly the text
+plain transformers `generate` gives each of them alone.
 """
 
 from __future__ import annotations
@@ -12,15 +12,15 @@ from dataclasses import replace
 import pytest
 import torch
 
-from predictor.engine import running_batch as decoding
 from predictor.engine.generation import Generator
 from predictor.engine.loading import LoadedModel
-from predictor.engine.running_batch import RunningBatch, supports_continuous_batching
+from predictor.engine.running_batch import RunningBatch, describe
 from predictor.inputs.images import fit_to_budget
 from predictor.params import SamplingParams
 from predictor.protocol import Completion
 from predictor.rows import Row
 from tests import images
+from tests.reference import reference_greedy
 
 pytestmark = pytest.mark.slow
 
@@ -44,15 +44,25 @@ def rows_for(generator: Generator) -> list[Row]:
     ]
 
 
-def test_every_family_supports_continuous_batching(generator: Generator) -> None:
-    assert supports_continuous_batching(generator)
+def test_each_row_fills_its_own_slot_from_the_start_with_no_padding(generator: Generator) -> None:
+    rows = rows_for(generator)[:3]
+    batch = RunningBatch(generator, max_rows=4, max_len=512)
+    batch.admit(rows, [0, 1, 2], [None, None, None])
+    prompts = [m.prompt_tokens for m in batch.members]
+    assert len(set(prompts)) == 3  # different prompt lengths, no common padded length
+    assert [m.length for m in batch.members] == prompts
+    keys = batch.decode.cache.keys[0]
+    for slot, member in enumerate(batch.members):
+        assert keys[slot, :, member.length - 1].abs().sum() > 0  # its last prompt token
+        assert keys[slot, :, member.length :].abs().sum() == 0  # nothing past its length
 
 
 def test_rows_joining_at_different_steps_give_the_tokens_generate_gives(
     generator: Generator,
 ) -> None:
     rows = rows_for(generator)
-    alone = [generator.describe([row])[0] for row in rows]
+    alone = [describe(generator, [row])[0] for row in rows]
+    assert [c.text for c in alone] == [reference_greedy(generator, row) for row in rows]
     batch = RunningBatch(generator)
     done: dict[int, Completion] = {}
     sizes = []
@@ -77,7 +87,7 @@ def test_rows_joining_at_different_steps_give_the_tokens_generate_gives(
 
 def test_a_stopped_row_leaves_and_the_others_are_unchanged(generator: Generator) -> None:
     rows = rows_for(generator)[:3]
-    alone = [generator.describe([row])[0] for row in rows[1:]]
+    alone = [describe(generator, [row])[0] for row in rows[1:]]
     stop = {"now": False}
     batch = RunningBatch(generator)
     finished = dict(batch.admit(rows, [0, 1, 2], [lambda: stop["now"], None, None]))
@@ -118,30 +128,30 @@ def test_repetition_penalty_matches_generate(generator: Generator) -> None:
     finished = dict(batch.admit([row], [0], [None]))
     while len(batch):
         finished.update(batch.step())
-    assert finished[0] == generator.describe([row])[0]
+    assert finished[0].text == reference_greedy(generator, row)
 
 
 def test_running_out_of_memory_while_joining_leaves_the_running_rows_as_they_were(
     generator: Generator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     rows = rows_for(generator)
-    expected = generator.describe([rows[0]])[0]
+    expected = describe(generator, [rows[0]])[0]
     batch = RunningBatch(generator)
     finished = dict(batch.admit([rows[0]], [0], [None]))
     for _ in range(3):
         finished.update(batch.step())
-    pad_left, calls = decoding._pad_left, []
+    fill, calls = batch.decode.cache.fill, []
 
-    def failing(tensor: torch.Tensor, length: int) -> torch.Tensor:
-        calls.append(1)
-        if len(calls) == 5:  # the second layer: the first one is joined already
+    def failing(slot: int, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        calls.append(layer)
+        if layer == 1:  # the second layer: the first one is copied already
             raise torch.OutOfMemoryError("injected: CUDA out of memory")
-        return pad_left(tensor, length)
+        fill(slot, layer, keys, values)
 
-    monkeypatch.setattr(decoding, "_pad_left", failing)
+    monkeypatch.setattr(batch.decode.cache, "fill", failing)
     with pytest.raises(torch.OutOfMemoryError):
         batch.admit([rows[1]], [1], [None])
-    monkeypatch.setattr(decoding, "_pad_left", pad_left)
+    monkeypatch.setattr(batch.decode.cache, "fill", fill)
     assert len(batch) == 1
     while len(batch):
         finished.update(batch.step())
@@ -154,12 +164,11 @@ def first_new_token(tokens: list[int]) -> int:
     return next(k for k in range(1, len(tokens)) if tokens[k] not in tokens[:k])
 
 
-@pytest.mark.parametrize("path", ["running batch", "generate"])
 def test_min_new_tokens_masks_the_stop_tokens(
-    generator: Generator, monkeypatch: pytest.MonkeyPatch, path: str
+    generator: Generator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """ignore_eos / min_tokens: with the k-th greedy token made a stop token, a plain row
-    stops there; with min_new_tokens it cannot, in both decoding paths, and both agree."""
+    stops there; with min_new_tokens it cannot."""
     row = rows_for(generator)[0]  # 40 greedy tokens, no stop
     batch = RunningBatch(generator)
     batch.admit([row], [0], [None])
@@ -171,8 +180,6 @@ def test_min_new_tokens_masks_the_stop_tokens(
 
     def run(min_new_tokens: int) -> Completion:
         sampled = replace(row, sampling=replace(row.sampling, min_new_tokens=min_new_tokens))
-        if path == "generate":
-            return generator.describe([sampled])[0]
         running = RunningBatch(generator)
         done = running.admit([sampled], [0], [None])
         while not done:

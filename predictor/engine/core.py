@@ -112,6 +112,7 @@ class Core:
         # should not pay for torch and transformers' model code twice.
         from transformers.utils import logging as transformers_logging
 
+        from predictor.engine.decode_step import configure_compile_cache
         from predictor.engine.generation import Generator
         from predictor.engine.loading import load_model
         from predictor.engine.scheduler import Engine, EngineConfig
@@ -122,23 +123,17 @@ class Core:
         transformers_logging.disable_progress_bar()
 
         forwarded = _forward_metrics()
+        configure_compile_cache(settings.compile_cache_dir if settings.compile else None)
         loaded = load_model(settings)
-        generator = Generator(
-            loaded.model,
-            loaded.processor,
-            static_cache=settings.compile,
-            trace_vision=settings.trace_vision,
-        )
-        if settings.warmup:
-            generator.warm_up()
+        generator = Generator(loaded.model, loaded.processor, trace_vision=settings.trace_vision)
         config = EngineConfig.from_settings(settings)
-        engine = Engine(generator, settings.model_name, config)
+        engine = Engine(generator, settings.model_name, config, warm_up=settings.warmup)
         core = cls(engine, generator, connection, arena)
         threading.Thread(
             target=core._flush_metrics, args=(forwarded,), name="metrics", daemon=True
         ).start()
         dtype = str(generator.model.dtype).removeprefix("torch.")
-        info = {"device": str(generator.device), "continuous": engine.continuous, "dtype": dtype}
+        info = {"device": str(generator.device), "compiled": settings.compile, "dtype": dtype}
         # As in the server process (predictor.server.main): the model, torch and transformers
         # live as long as the process; frozen, the collector's full passes skip them. Without
         # this the decode loop ran 12% slower here than in one process.

@@ -1,36 +1,28 @@
-"""Batched image description with a loaded Qwen-VL model: rows in, completions out.
+"""The loaded model with its processor: rows in, model inputs and text out.
 
-A row is one conversation (for OIP v2: one image and its prompt). How rows share a call:
-`generate` takes one `GenerationConfig`, so rows are grouped
-by their sampling settings (temperature, top_p, top_k, repetition_penalty) and each group runs
-as one left-padded batch. `max_new_tokens` does not split groups: the batch runs to the largest
-limit and a per-row stopping criterion ends each row at its own (a finished row only receives
-padding afterwards, which is cut). The same criterion stops rows whose client went away.
-Rows with a `seed` only share a call with rows of the same request (`group`), so a seeded
-request gives the same text whatever else is running. Greedy rows give the same tokens alone
-or in a batch (tested in fp32).
+A row is one conversation (for OIP v2: one image and its prompt). `Generator` owns what every
+part of decoding needs besides the decode loop itself (`predictor.engine.running_batch`): the
+stop tokens, turning rows into model inputs (the processor's tensors and the vision encoder's
+features, computed ahead of a row's batch by `encode`), merging rows for one prefill, and
+turning tokens into text (`_RowState`, which also applies stop strings and streams deltas).
 
-`describe` is not thread-safe: one caller at a time (the engine's worker thread), which also
-keeps `seed` reproducible with torch's global generator. `encode` may run on many threads.
+`encode` may run on many threads; everything else runs on the engine's worker thread.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import replace
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from PIL import Image
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from predictor.engine.vision_graphs import VisionEncoder
-from predictor.inputs.images import fit_to_budget
 from predictor.inputs.preprocessing import Preprocessor
-from predictor.params import PixelBudget, SamplingParams
+from predictor.params import PixelBudget
 from predictor.protocol import Completion
-from predictor.rows import EncodedRow, Row, StopCheck
+from predictor.rows import EncodedRow, Row
 
 logger = logging.getLogger(__name__)
 
@@ -112,44 +104,12 @@ class _RowState:
         )
 
 
-class _RowTracker(StoppingCriteria):
-    """Called by `generate` after every token: feeds each row's state, ends rows that are done
-    (own max_new_tokens, stop token or string, or their caller asking them to stop)."""
-
-    def __init__(
-        self,
-        states: Sequence[_RowState],
-        stop_checks: Sequence[StopCheck | None],
-        on_step: Callable[[], None] | None,
-    ):
-        self.states = states
-        self.stop_checks = stop_checks
-        self.on_step = on_step
-
-    def __call__(
-        self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any
-    ) -> torch.Tensor:
-        if self.on_step is not None:
-            self.on_step()
-        last = input_ids[:, -1].tolist()
-        done = [
-            state.push(token) or (check is not None and check())
-            for state, token, check in zip(self.states, last, self.stop_checks, strict=True)
-        ]
-        return torch.tensor(done, device=input_ids.device)
-
-
 class Generator:
     """Owns the model and processor; turns rows into completions."""
 
-    def __init__(
-        self, model: Any, processor: Any, static_cache: bool = False, trace_vision: bool = True
-    ):
+    def __init__(self, model: Any, processor: Any, trace_vision: bool = True):
         self.model = model
         self.vision = VisionEncoder(model, trace=trace_vision)  # see predictor.engine.vision_graphs
-        # A static KV cache makes decoding shapes fixed, which lets transformers compile the
-        # decoding step with torch.compile on CUDA (its auto-compile for compileable caches).
-        self.static_cache = static_cache
         self.preprocessor = Preprocessor(processor)  # the processor's CPU work
         self.processor = processor
         self.tokenizer = self.preprocessor.tokenizer
@@ -177,29 +137,6 @@ class Generator:
     @property
     def default_budget(self) -> PixelBudget:
         return self.preprocessor.default_budget
-
-    def describe(
-        self,
-        rows: Sequence[Row],
-        stop_checks: Sequence[StopCheck | None] | None = None,
-        on_step: Callable[[], None] | None = None,
-    ) -> list[Completion]:
-        """Completions in the order of `rows`.
-
-        `stop_checks[i]()` is polled after every token; True ends row i early (its completion
-        is then meaningless). `on_step` is called after every decoding step.
-        """
-        checks = list(stop_checks) if stop_checks is not None else [None] * len(rows)
-        results: list[Completion | None] = [None] * len(rows)
-        groups: dict[tuple, list[int]] = {}
-        for index, row in enumerate(rows):
-            groups.setdefault(row.batch_key, []).append(index)
-        for indexes in groups.values():
-            batch = [rows[i] for i in indexes]
-            completions = self._generate(batch, [checks[i] for i in indexes], on_step)
-            for index, completion in zip(indexes, completions, strict=True):
-                results[index] = completion
-        return [r for r in results if r is not None]
 
     def decode(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
@@ -270,67 +207,11 @@ class Generator:
             [self.encode_images(row.inputs) if row.inputs else self.encode(row) for row in rows]
         )
 
-    def _generation_config(self, sampling: SamplingParams) -> GenerationConfig:
-        """Every sampling value set, "off" ones included: `generate` fills any value left
-        `None` from the checkpoint's generation_config.json (and then from transformers' own
-        defaults, top_k 50), which would apply defaults a request turned off. The request's
-        resolved `SamplingParams` (predictor.params) are the only source, as on the
-        continuous path."""
-        greedy = sampling.greedy
-        options: dict[str, Any] = {
-            "max_new_tokens": sampling.max_new_tokens,
-            "eos_token_id": self.stop_token_ids,
-            "pad_token_id": self.pad_token_id,
-            "repetition_penalty": sampling.repetition_penalty,
-            "min_new_tokens": sampling.min_new_tokens,
-            "do_sample": not greedy,
-            "temperature": 1.0 if greedy else sampling.temperature,
-            "top_p": 1.0 if greedy else sampling.top_p,
-            "top_k": 0 if greedy else sampling.top_k,
-        }
-        if self.static_cache:
-            options["cache_implementation"] = "static"
-        return GenerationConfig(**options)
-
     @property
     def checkpoint_sampling(self) -> dict[str, Any]:
         """The values the checkpoint's generation_config.json sets (what transformers loaded
         from it, without its own defaults)."""
         return self.model.generation_config.to_diff_dict()
-
-    @torch.inference_mode()
-    def _generate(
-        self,
-        rows: Sequence[Row],
-        stop_checks: Sequence[StopCheck | None],
-        on_step: Callable[[], None] | None,
-    ) -> list[Completion]:
-        inputs = self.inputs_for(rows)
-        states = [_RowState(self, row) for row in rows]
-        sampling = replace(rows[0].sampling, max_new_tokens=max(s.limit for s in states))
-        if sampling.seed is not None:
-            torch.manual_seed(sampling.seed)
-        self.model.generate(
-            **inputs,
-            generation_config=self._generation_config(sampling),
-            stopping_criteria=StoppingCriteriaList([_RowTracker(states, stop_checks, on_step)]),
-        )
-        prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
-        return [state.completion(int(n)) for state, n in zip(states, prompt_tokens, strict=True)]
-
-    def _completion(self, tokens: Sequence[int], row: Row, prompt_tokens: int = 0) -> Completion:
-        """The completion `tokens` would give `row` (what `generate` feeds the row's state)."""
-        state = _RowState(self, row)
-        for token in tokens:
-            if state.push(token):
-                break
-        return state.completion(prompt_tokens)
-
-    def warm_up(self) -> None:
-        """One short generation, so the first client does not pay for lazy initialisation."""
-        gray = Image.new("RGB", (256, 256), (128, 128, 128))
-        image = fit_to_budget(gray, self.default_budget, self.resize_factor)
-        self.describe([Row.single(image, "Describe this image.", SamplingParams(max_new_tokens=2))])
 
 
 def _join(parts: Sequence[Any]) -> Any:

@@ -2,7 +2,7 @@
 
 Why the checks up front: a model server that dies deep inside transformers with a stack trace
 is hard to operate. Missing checkpoints, unsupported architectures, 4/8-bit without
-bitsandbytes or without CUDA are reported as one `StartupError` line before anything loads.
+bitsandbytes are reported as one `StartupError` line before anything loads.
 Safetensors only and `trust_remote_code=False`: a checkpoint cannot run code on the server.
 """
 
@@ -24,6 +24,10 @@ from predictor.settings import Settings
 logger = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+# The vision tower stays in the model's dtype when the language model is quantized: it is a
+# tenth of the weights, runs once per image rather than once per token, and bitsandbytes' CPU
+# kernels cannot pack its narrowest layers. (The output layer too: transformers' default.)
+UNQUANTIZED_MODULES = ["model.visual", "lm_head"]
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -72,10 +76,28 @@ def cpu_threads(requested: int) -> int:
     return max(1, (cores or 1) - 1)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices natively (AMX-BF16 or AVX512-BF16), where
+    bfloat16 runs several times faster than float32; elsewhere it is emulated and slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    for line in flags.splitlines():
+        if line.startswith("flags"):
+            found = set(line.split(":", 1)[1].split())
+            return bool(found & {"amx_bf16", "avx512_bf16"})
+    return False
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[name]
+    """`auto`: bfloat16 on a GPU that has it (float16 on one that does not, such as a T4 or a
+    V100) and on a CPU with native bfloat16 matmuls; float32 on any other CPU."""
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
 def quantization_config(mode: str, device: torch.device, dtype: torch.dtype) -> Any | None:
@@ -86,8 +108,6 @@ def quantization_config(mode: str, device: torch.device, dtype: torch.dtype) -> 
         raise StartupError(
             f"--quantization {mode} needs bitsandbytes: pip install 'qwen-vl-predictor[quant]'"
         )
-    if device.type != "cuda":
-        raise StartupError(f"--quantization {mode} needs a CUDA device; this one is {device}")
     from transformers import BitsAndBytesConfig
 
     if mode == "4bit":
@@ -96,8 +116,9 @@ def quantization_config(mode: str, device: torch.device, dtype: torch.dtype) -> 
             bnb_4bit_quant_type="nf4",
             bnb_4bit_compute_dtype=dtype,
             bnb_4bit_use_double_quant=True,
+            llm_int8_skip_modules=UNQUANTIZED_MODULES,
         )
-    return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=UNQUANTIZED_MODULES)
 
 
 def check_architecture(source: ModelSource) -> str:
@@ -132,8 +153,6 @@ def load_model(settings: Settings) -> LoadedModel:
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     quantization = quantization_config(settings.quantization, device, dtype)
-    if settings.compile and device.type != "cuda":
-        raise StartupError(f"--compile needs a CUDA device; this one is {device}")
     model_type = check_architecture(source)
     if device.type == "cpu":
         torch.set_num_threads(cpu_threads(settings.cpu_threads))
@@ -152,7 +171,8 @@ def load_model(settings: Settings) -> LoadedModel:
         options["attn_implementation"] = settings.attn_implementation
     if quantization is not None:
         options["quantization_config"] = quantization
-        options["device_map"] = {"": device.index or 0}
+        if device.type == "cuda":  # on a CPU, where weights load by default
+            options["device_map"] = {"": device.index or 0}
     model = AutoModelForImageTextToText.from_pretrained(source.path_or_id, **options)
     if quantization is None:
         model = model.to(device)

@@ -7,40 +7,39 @@ keeps one `RunningBatch`: between two decoding steps it prefills newly arrived r
 them, and a row that is finished (its own `max_new_tokens`, a stop token or string, or its
 caller gone) leaves at once, so its slot is free for the next step.
 
-How rows of different lengths share a step: every row's key/value cache is left-padded to one
-length and an attention mask hides the padding; each row carries its own next rotary position
-(Qwen-VL's multimodal RoPE: a text position plus temporal/height/width positions), so where a
-row sits in the padded cache does not change what it computes. Greedy rows give the same
-tokens as `Generator.describe` and plain `generate` (tested). Each row samples with its own
-settings; a row with a `seed` draws from its own random generator, so its text does not depend
-on what else is running.
+How rows of different lengths share a step: each row owns a slot of a preallocated cache
+(`predictor.engine.decode_step.SlotCache`) filled from position 0, with its own length and its
+own next rotary position (Qwen-VL's multimodal RoPE), so no row carries another's padding and
+the step's shapes depend only on the batch-size bucket and the span of keys read. The running
+rows always hold slots `0..n-1`: a row that leaves hands its slot to the last row. The prefill
+stays the model's own forward (eager, any image layout), and its keys and values are copied
+into the new rows' slots. Greedy rows give the same tokens as transformers' `generate` (tested
+for every family). Each row samples with its own settings; a row with a `seed` draws from its
+own random generator, so its text does not depend on what else is running.
 
 Not thread-safe: the engine's worker thread is the only caller.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from PIL import Image
 from transformers import DynamicCache, RepetitionPenaltyLogitsProcessor
-from transformers.cache_utils import DynamicLayer
 
+from predictor.engine.decode_step import SPAN_STEP, DecodeStep, batch_buckets, bucket_for, span_for
 from predictor.engine.generation import Generator, _RowState
+from predictor.inputs.images import fit_to_budget
 from predictor.params import SamplingParams
 from predictor.protocol import Completion
 from predictor.rows import Row, StopCheck
 
-
-def supports_continuous_batching(generator: Generator) -> bool:
-    """A dynamic cache of plain full-attention layers is what `RunningBatch` can pad and join
-    (every Qwen-VL family); a static cache (`--compile`) keeps whole-batch `generate` calls."""
-    if generator.static_cache:
-        return False
-    cache = DynamicCache(config=generator.model.config)
-    return all(type(layer) is DynamicLayer for layer in cache.layers)
+logger = logging.getLogger(__name__)
 
 
 class _Sampler:
@@ -147,6 +146,9 @@ class _Member:
     sampler: _Sampler
     stop_check: StopCheck | None
     prompt_tokens: int
+    length: int = 0  # tokens in its cache slot
+    position: int = 0  # the rotary position of its next token
+    token: int = 0  # its last token, the input of the next step
 
     def done(self) -> bool:
         return self.state.finished or (self.stop_check is not None and self.stop_check())
@@ -155,15 +157,26 @@ class _Member:
 Finished = tuple[Any, Completion]  # (owner, completion); a stopped row's text is cut short
 
 
-class RunningBatch:
-    """The rows being decoded, their padded cache, mask and next positions."""
+class ContextTooLong(ValueError):
+    """A row whose prompt and token limit do not fit `max_len` (the front refuses it first)."""
 
-    def __init__(self, generator: Generator):
+
+class RunningBatch:
+    """The rows being decoded: member `i` owns cache slot `i`, in admission order."""
+
+    def __init__(
+        self,
+        generator: Generator,
+        max_rows: int = 16,
+        max_len: int = 4096,
+        compile_step: bool = False,
+    ):
         self.generator = generator
         self.model = generator.model
+        self.max_rows, self.max_len = max_rows, max_len
+        self.buckets = batch_buckets(max_rows)
+        self.decode = DecodeStep.of_model(self.model, max_rows, max_len, compile_step)
         self.members: list[_Member] = []
-        self.cache: DynamicCache | None = None
-        self._reset()
 
     def __len__(self) -> int:
         return len(self.members)
@@ -174,8 +187,17 @@ class RunningBatch:
     ) -> list[Finished]:
         """Prefill `rows` in one forward pass, take each row's first token, and add the rows
         to the batch. Returns rows already finished (a one-token limit, an immediate stop)."""
+        if len(self.members) + len(rows) > self.max_rows:
+            raise ValueError(f"{len(rows)} rows do not fit the {self.max_rows} slots")
         inputs = self.generator.inputs_for(rows)
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        lengths = [int(n) for n in mask.sum(dim=1).tolist()]
+        for row, length in zip(rows, lengths, strict=True):
+            if length + row.sampling.max_new_tokens > self.max_len:
+                raise ContextTooLong(
+                    f"{length} prompt tokens and max_new_tokens {row.sampling.max_new_tokens} "
+                    f"exceed --max_model_len {self.max_len}"
+                )
         text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
         if "image_grid_thw" in inputs:
             rope, _ = self.model.model.get_rope_index(
@@ -198,73 +220,102 @@ class RunningBatch:
             logits_to_keep=1,
             **extra,
         ).logits[:, -1]
+        # The next text token's rotary position (temporal = height = width for text).
+        next_positions = (positions[1, :, -1] + 1).tolist()
         members = [
             _Member(
                 owner,
                 _RowState(self.generator, row),
                 _Sampler(row.sampling, ids[i][mask[i].bool()], self.generator.stop_token_ids),
                 check,
-                int(mask[i].sum()),
+                lengths[i],
+                length=lengths[i],
+                position=int(next_positions[i]),
             )
             for i, (row, owner, check) in enumerate(zip(rows, owners, stop_checks, strict=True))
         ]
         tokens = self._pick(members, logits)
+        first = len(self.members)
+        for index, member in enumerate(members):
+            slot, length = first + index, member.length
+            for layer, cached in enumerate(cache.layers):
+                self.decode.cache.fill(
+                    slot, layer, cached.keys[index, :, -length:], cached.values[index, :, -length:]
+                )
         _feed(members, tokens)
-        self._join(members, cache, mask, positions[:, :, -1] + 1, tokens)
+        self.members = self.members + members
         return self._retire()
 
     @torch.inference_mode()
     def step(self) -> list[Finished]:
-        """Decode one token for every row; rows that finish leave the batch."""
+        """Decode one token for every row; rows that finish leave the batch.
+
+        A failure leaves the batch as it was before the step: the keys the step wrote sit past
+        every row's length and are overwritten by the next step, and no length, position or
+        token moves until every row's token is picked."""
         if not self.members:
             return []
-        mask = torch.cat([self.mask, self.mask.new_ones((len(self.members), 1))], dim=1)
-        try:
-            logits = self.model(
-                input_ids=self.last_tokens.view(-1, 1),
-                attention_mask=mask,
-                position_ids=self.positions.unsqueeze(-1),
-                cache=self.cache,
-                use_cache=True,
-            ).logits[:, -1]
-        except BaseException:
-            # Layers that ran before the failure appended this step's keys: drop them, so
-            # the batch is as it was before the step and can go on (or shrink: `evict`).
-            assert self.cache is not None
-            length = self.mask.shape[1]
-            for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, :length], layer.values[:, :, :length]
-            raise
-        self.mask = mask
-        self.positions = self.positions + 1
+        count = len(self.members)
+        rows = bucket_for(count, self.buckets)
+        padding = rows - count  # idle slots ride along: one position each, never read
+        lengths = [m.length for m in self.members] + [0] * padding
+        inputs = torch.tensor(
+            [
+                [m.token for m in self.members] + [0] * padding,
+                [m.position for m in self.members] + [0] * padding,
+                lengths,
+            ],
+            dtype=torch.long,
+        ).to(self.generator.device)
+        span = span_for(max(lengths) + 1, self.max_len)
+        logits = self.decode(inputs[0], inputs[1], inputs[2], span)[:count]
         tokens = self._pick(self.members, logits)
+        for member in self.members:
+            member.length += 1
+            member.position += 1
         _feed(self.members, tokens)
-        self.last_tokens = torch.tensor(tokens, dtype=torch.long, device=self.mask.device)
         return self._retire()
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Before ready: one short real row (processor, vision encoder, prefill, a step), then
+        with `--compile` every batch-size bucket at two spans, which compiles the step for all
+        the shapes it will meet (the second span and bucket make those sizes symbolic)."""
+        gray = Image.new("RGB", (256, 256), (128, 128, 128))
+        image = fit_to_budget(gray, self.generator.default_budget, self.generator.resize_factor)
+        row = Row.single(image, "Describe this image.", SamplingParams(max_new_tokens=2))
+        self.admit([row], [None], [None])
+        while len(self):
+            self.step()
+        if not self.decode.compiled:
+            return
+        started = time.perf_counter()
+        spans = sorted({span_for(1, self.max_len), span_for(SPAN_STEP + 1, self.max_len)})
+        for span in spans:
+            for rows in self.buckets:
+                idle = torch.zeros((3, rows), dtype=torch.long, device=self.generator.device)
+                self.decode(idle[0], idle[1], idle[2], span)
+        logger.info(
+            "decoding step compiled for batch sizes %s in %.1f s",
+            self.buckets,
+            time.perf_counter() - started,
+        )
 
     def evict(self, count: int) -> list[Any]:
         """Remove the `count` most recently admitted rows; returns their owners."""
         count = min(count, len(self.members))
-        owners = [m.owner for m in self.members[len(self.members) - count :]]
-        self._select(list(range(len(self.members) - count)))
+        keep = len(self.members) - count
+        owners = [m.owner for m in self.members[keep:]]
+        self.members = self.members[:keep]  # the last slots: nothing moves
         return owners
 
     def clear(self) -> list[Any]:
         """Forget every row (after a failed step); returns their owners."""
         owners = [m.owner for m in self.members]
-        self._reset()
+        self.members = []
         return owners
 
     # ---- internals --------------------------------------------------------------------
-
-    def _reset(self) -> None:
-        device = self.generator.device
-        self.members = []
-        self.cache = None
-        self.mask = torch.zeros((0, 0), dtype=torch.long, device=device)
-        # Next rotary positions, one column per row: text position, then temporal/height/width.
-        self.positions = torch.zeros((4, 0), dtype=torch.long, device=device)
-        self.last_tokens = torch.zeros((0,), dtype=torch.long, device=device)
 
     @staticmethod
     def _pick(members: Sequence[_Member], logits: torch.Tensor) -> list[int]:
@@ -279,67 +330,20 @@ class RunningBatch:
         ]
 
     def _retire(self) -> list[Finished]:
-        """Remove and return the rows that are done."""
-        keep: list[int] = []
+        """Remove and return the rows that are done; the last rows take their slots."""
         finished: list[Finished] = []
-        for index, member in enumerate(self.members):
-            if member.done():
-                finished.append((member.owner, member.state.completion(member.prompt_tokens)))
-            else:
-                keep.append(index)
-        if len(keep) < len(self.members):
-            self._select(keep)
+        index = 0
+        while index < len(self.members):
+            member = self.members[index]
+            if not member.done():
+                index += 1
+                continue
+            finished.append((member.owner, member.state.completion(member.prompt_tokens)))
+            last = self.members.pop()
+            if last is not member:
+                self.decode.cache.move(len(self.members), index, last.length)
+                self.members[index] = last
         return finished
-
-    def _join(
-        self,
-        members: list[_Member],
-        cache: DynamicCache,
-        mask: torch.Tensor,
-        positions: torch.Tensor,
-        tokens: list[int],
-    ) -> None:
-        new_tokens = torch.tensor(tokens, dtype=torch.long, device=mask.device)
-        if self.cache is None or not self.members:
-            self.cache, self.mask, self.positions = cache, mask.long(), positions
-            self.members, self.last_tokens = members, new_tokens
-            return
-        rows, old_length = self.mask.shape
-        length = max(old_length, mask.shape[1])
-        joined = []
-        try:
-            for old, new in zip(self.cache.layers, cache.layers, strict=True):
-                keys = torch.cat([_pad_left(old.keys, length), _pad_left(new.keys, length)])
-                values = torch.cat([_pad_left(old.values, length), _pad_left(new.values, length)])
-                old.keys, old.values = keys, values
-                joined.append(old)
-        except BaseException:  # out of memory half-way: put the layers already joined back
-            start = length - old_length
-            for layer in joined:
-                layer.keys = layer.keys[:rows, :, start:]
-                layer.values = layer.values[:rows, :, start:]
-            raise
-        self.mask = torch.cat([_pad_left(self.mask, length), _pad_left(mask.long(), length)])
-        self.positions = torch.cat([self.positions, positions], dim=1)
-        self.last_tokens = torch.cat([self.last_tokens, new_tokens])
-        self.members = self.members + members
-
-    def _select(self, keep: list[int]) -> None:
-        """Keep only rows `keep`, and drop cache columns that are padding in every row."""
-        if not keep:
-            self._reset()
-            return
-        index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
-        mask = self.mask.index_select(0, index)
-        start = int(mask.any(dim=0).long().argmax())  # the first column some row uses
-        self.mask = mask[:, start:]
-        assert self.cache is not None
-        for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
-            layer.values = layer.values.index_select(0, index)[:, :, start:]
-        self.positions = self.positions.index_select(1, index)
-        self.last_tokens = self.last_tokens.index_select(0, index)
-        self.members = [self.members[i] for i in keep]
 
 
 def _feed(members: Sequence[_Member], tokens: Sequence[int]) -> None:
@@ -347,15 +351,20 @@ def _feed(members: Sequence[_Member], tokens: Sequence[int]) -> None:
         if not member.state.finished:
             member.sampler.took(token)
         member.state.push(token)
+        member.token = token
 
 
-def _pad_left(tensor: torch.Tensor, length: int) -> torch.Tensor:
-    """Pad a mask ([rows, seq]) or cache tensor ([rows, heads, seq, dim]) with zeros on the
-    left of its sequence axis up to `length`."""
-    axis = 1 if tensor.dim() == 2 else 2
-    missing = length - tensor.shape[axis]
-    if missing <= 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[axis] = missing
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=axis)
+def describe(
+    generator: Generator,
+    rows: Sequence[Row],
+    stop_checks: Sequence[StopCheck | None] | None = None,
+    max_len: int = 4096,
+) -> list[Completion]:
+    """Completions for `rows`, in order, decoded together on the engine's one path (for
+    warm-up, tools and tests; the engine admits rows as they come instead)."""
+    checks = list(stop_checks) if stop_checks is not None else [None] * len(rows)
+    batch = RunningBatch(generator, max_rows=max(1, len(rows)), max_len=max_len)
+    done = dict(batch.admit(rows, list(range(len(rows))), checks))
+    while len(batch):
+        done.update(batch.step())
+    return [done[i] for i in range(len(rows))]

@@ -12,11 +12,8 @@ batch; a row leaves as soon as it reaches its own `max_new_tokens`, a stop token
 caller goes away, and its slot is filled at the next step. So a request never waits for
 someone else's batch to finish, and rows with different limits and sampling settings share
 every step. When the engine is idle, the first request waits `batch_wait_ms` (default 0) for
-others. With a static KV cache (`--compile`), whose shapes are fixed, the engine falls back
-to whole batches: it gathers rows (waiting up to 0.5 s for admitted requests still decoding
-their images, or `batch_wait_ms`) and runs them through one `generate` call
-(`Generator.describe`, which groups rows by sampling settings), with a per-row stopping
-criterion.
+others. This is the only decode path: the decoding step runs on a preallocated cache with
+static shapes (`predictor.engine.decode_step`), compiled before ready with `--compile`.
 
 Work ahead of the batch: each request's thread runs the processor and the vision encoder for
 its own images (`Generator.encode`) before it joins the queue, in parallel with the batch the
@@ -31,11 +28,11 @@ DEADLINE_EXCEEDED). A request whose caller is cancelled (client disconnect, gRPC
 deadline) has its queued rows dropped and its running rows stopped at the next token, which
 frees their slots.
 
-Failures stay with their request: if a prefill (or a whole batch) fails, each request in it
-is retried alone so only the one that fails again gets the error; a CUDA out-of-memory error
-splits the rows in halves and retries them. Out of memory in a decoding step (the cache
-grew too large) fails the most recently admitted half of the running rows, with an error the
-client may retry, and the others go on. The worker thread never dies.
+Failures stay with their request: if a prefill fails, each request in it is retried alone so
+only the one that fails again gets the error; a CUDA out-of-memory error splits the rows in
+halves and retries them. Out of memory in a decoding step fails the most recently admitted half
+of the running rows, with an error the client may retry, and the others go on. The worker
+thread never dies.
 """
 
 from __future__ import annotations
@@ -55,18 +52,12 @@ import torch
 
 from predictor import metrics
 from predictor.engine.generation import Generator
-from predictor.engine.running_batch import RunningBatch, supports_continuous_batching
+from predictor.engine.running_batch import RunningBatch
 from predictor.errors import DeadlineExceeded, QueueFull, Unavailable
 from predictor.protocol import Completion
 from predictor.rows import Row
 
 logger = logging.getLogger(__name__)
-
-
-# Whole-batch mode: how long a batch about to start may wait for admitted requests still
-# decoding their images. A burst of requests decodes in a few hundred milliseconds; starting
-# without them would make them wait for the whole batch instead (seconds on a GPU).
-DECODING_WAIT_S = 0.5
 
 
 class Reservation:
@@ -93,9 +84,10 @@ class EngineConfig:
     batch_wait_ms: float = 0.0
     max_queue_size: int = 64
     request_timeout_s: float = 300.0
-    continuous: bool = True  # step-wise batching (predictor.engine.running_batch) where supported
     waiting_served_ratio: float = 0.0  # see `Engine._hold_back`; 0: off
     max_waiting_tokens: int = 0
+    max_model_len: int = 4096  # tokens a row's cache slot holds, prompt and output
+    compile_step: bool = False  # torch.compile the decoding step (CUDA graphs on a GPU)
 
     @classmethod
     def from_settings(cls, settings: Any) -> EngineConfig:
@@ -107,6 +99,8 @@ class EngineConfig:
             request_timeout_s=settings.request_timeout_s,
             waiting_served_ratio=settings.waiting_served_ratio,
             max_waiting_tokens=settings.max_waiting_tokens,
+            max_model_len=settings.max_model_len,
+            compile_step=settings.compile,
         )
 
 
@@ -179,14 +173,18 @@ class Engine:
         generator: Generator,
         model_name: str,
         config: EngineConfig,
-        running_batch: Callable[[Generator], RunningBatch] = RunningBatch,
+        running_batch: Callable[..., RunningBatch] = RunningBatch,
+        warm_up: bool = False,
     ):
         self.generator = generator
         self.model_name = model_name
         self.config = config
-        self.continuous = config.continuous and supports_continuous_batching(generator)
         self._batch_size = metrics.BATCH_SIZE.labels(model_name)  # observed at every step
-        self._running_batch = running_batch
+        self.batch = running_batch(
+            generator, config.max_batch_size, config.max_model_len, config.compile_step
+        )
+        if warm_up:
+            self.batch.warm_up()
         self._queue: deque[_Slot] = deque()
         self._waiting: set[_Request] = set()
         self._running: set[_Request] = set()
@@ -327,16 +325,10 @@ class Engine:
 
     # ---- the worker thread ------------------------------------------------------------
 
+    # ---- the worker: rows join and leave between decoding steps ------------------------
+
     def _work(self) -> None:
-        if self.continuous:
-            self._work_continuous()
-        else:
-            self._work_whole_batches()
-
-    # ---- continuous batching: rows join and leave between decoding steps --------------
-
-    def _work_continuous(self) -> None:
-        batch = self._running_batch(self.generator)
+        batch = self.batch
         while True:
             slots = self._admissions(len(batch))
             if slots is None:
@@ -414,16 +406,18 @@ class Engine:
         try:
             finished = batch.step()
         except torch.OutOfMemoryError:
+            finished = None  # handled below, once the failed step's frames are gone
+        except Exception as exc:
+            logger.exception("a decoding step failed; its %d rows fail", len(batch))
+            for slot in batch.clear():
+                self._settle(slot, error=RuntimeError(f"generation failed: {exc}"))
+            return
+        if finished is None:
             evicted = batch.evict(max(1, len(batch) // 2))
             logger.warning("out of memory decoding; %d rows fail", len(evicted))
             _empty_cache()
             for slot in evicted:
                 self._settle(slot, error=RuntimeError("out of device memory while decoding"))
-            return
-        except Exception as exc:
-            logger.exception("a decoding step failed; its %d rows fail", len(batch))
-            for slot in batch.clear():
-                self._settle(slot, error=RuntimeError(f"generation failed: {exc}"))
             return
         self._finished(finished)
 
@@ -450,41 +444,6 @@ class Engine:
             self._running_rows = len(batch)
             self._publish_load()
 
-    # ---- whole batches: one generate call per batch (static cache, --compile) ---------
-
-    def _work_whole_batches(self) -> None:
-        while True:
-            batch = self._next_batch()
-            if batch is None:
-                return
-            try:
-                self._run(batch)
-            except Exception:  # the worker must never die
-                logger.exception("engine batch failed unexpectedly")
-                self._fail(batch, RuntimeError("generation failed"))
-            finally:
-                self._finish(batch)
-
-    def _next_batch(self) -> list[_Slot] | None:
-        with self._lock:
-            while not self._queue and not self._stopped:
-                self._lock.wait()
-            if self._stopped:
-                return None
-            started = time.monotonic()
-            window_ends = started + self.config.batch_wait_ms / 1000
-            decoding_ends = started + DECODING_WAIT_S
-            while len(self._queue) < self.config.max_batch_size and not self._stopped:
-                # Requests already admitted but still decoding images are worth a short wait:
-                # otherwise a burst splits into a small batch and a long wait for the rest.
-                ends = decoding_ends if self._reserved else window_ends
-                left = ends - time.monotonic()
-                if left <= 0:
-                    break
-                self._lock.wait(left)
-            batch = self._take(self.config.max_batch_size, 0)
-        return batch
-
     def _take(self, count: int, running: int) -> list[_Slot]:
         """Move up to `count` rows from the queue to the running set (lock held)."""
         taken = [self._queue.popleft() for _ in range(min(count, len(self._queue)))]
@@ -505,42 +464,18 @@ class Engine:
             self._publish_load()
         return taken
 
-    def _run(self, batch: list[_Slot]) -> None:
-        live = self._live(batch)
-        if not live:
-            return
-        self._batch_size.observe(len(live))
-        self._generate(live)
-
-    def _generate(self, slots: list[_Slot]) -> None:
-        """One `generate` call for the slots (failures isolated, see `_isolated`)."""
-
-        def generate(rows: list[_Slot]) -> list[tuple[_Slot, Completion]]:
-            completions = self.generator.describe(
-                [s.row for s in rows],
-                stop_checks=[s.request.should_stop for s in rows],
-                on_step=lambda: self._first_token(rows),
-            )
-            return list(zip(rows, completions, strict=True))
-
-        self._isolated(slots, generate)
-
     def _isolated(self, slots: list[_Slot], run: Callable[[list[_Slot]], Finished]) -> None:
         """Run the model on slots together; if that fails, the failure stays with the request
         that caused it: each request is retried alone, and a CUDA out-of-memory error splits
         the rows in halves until they fit (one image that does not fit fails alone)."""
+        out_of_memory = False
         try:
             finished = run(slots)
         except torch.OutOfMemoryError:
-            if len(slots) == 1:
-                self._settle(slots[0], error=RuntimeError("out of device memory on one image"))
-                return
-            logger.warning("out of memory on %d rows; splitting them", len(slots))
-            _empty_cache()
-            half = len(slots) // 2
-            self._isolated(slots[:half], run)
-            self._isolated(slots[half:], run)
-            return
+            # Retried below, outside this block: while it runs, the exception's traceback
+            # keeps the failed prefill's frames and their tensors alive, and the allocator
+            # could not give their memory back.
+            out_of_memory = True
         except Exception as exc:
             requests = list(dict.fromkeys(s.request for s in slots))
             if len(requests) == 1:
@@ -551,6 +486,16 @@ class Engine:
             logger.warning("%d requests failed together; retrying each alone", len(requests))
             for request in requests:
                 self._isolated([s for s in slots if s.request is request], run)
+            return
+        if out_of_memory:
+            _empty_cache()
+            if len(slots) == 1:
+                self._settle(slots[0], error=RuntimeError("out of device memory on one image"))
+                return
+            logger.warning("out of memory on %d rows; splitting them", len(slots))
+            half = len(slots) // 2
+            self._isolated(slots[:half], run)
+            self._isolated(slots[half:], run)
             return
         self._finished(finished)
 
@@ -592,19 +537,6 @@ class Engine:
         metrics.IMAGES.labels(self.model_name).inc(len(done))
         metrics.GENERATED_TOKENS.labels(self.model_name).inc(sum(c.generated_tokens for c in done))
         metrics.PROMPT_TOKENS.labels(self.model_name).inc(sum(c.prompt_tokens for c in done))
-
-    def _fail(self, batch: list[_Slot], error: BaseException) -> None:
-        for slot in batch:
-            self._settle(slot, error=error)
-
-    def _finish(self, batch: list[_Slot]) -> None:
-        with self._lock:
-            for slot in batch:
-                request = slot.request
-                if request.future.done() or not any(s.request is request for s in self._queue):
-                    self._running.discard(request)
-            self._running_rows = 0
-            self._publish_load()
 
     def _publish_load(self) -> None:
         """Update the load gauges (called with the lock held)."""

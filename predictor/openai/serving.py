@@ -26,7 +26,7 @@ from predictor.inputs.images import ImageLimits, prepare_image
 from predictor.openai.protocol import ChatCompletionRequest, Message, ProcessorKwargs, Usage
 from predictor.params import PixelBudget, SamplingParams, parse_generation_params
 from predictor.protocol import Completion
-from predictor.rows import Row
+from predictor.rows import Row, check_fits
 
 MAX_STOP_STRINGS = 4  # OpenAI's own limit
 # Our parameter names in errors, as the OpenAI request calls them.
@@ -200,7 +200,9 @@ class ChatService:
             for data, field in zip(images, fields, strict=True)
         )
         row = Row(prepared, tuple(messages), sampling)
-        return replace(row, inputs=generator.encode(row))
+        row = replace(row, inputs=generator.encode(row))
+        check_fits(row, self.model.settings.max_model_len, "max_tokens")
+        return row
 
     async def complete(self, call: ChatCall) -> Completion:
         (completion,) = await self.model.engine.submit(

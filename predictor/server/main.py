@@ -35,7 +35,7 @@ def _configure_logging() -> None:
 
 
 def use_event_loop(choice: str) -> None:
-    """Apply KServe's `--event_loop` (auto: uvloop when installed) to the loop the server runs
+    """Apply KServe's `--event-loop` (auto: uvloop when installed) to the loop the server runs
     on. KServe passes it to uvicorn but then starts its servers with `asyncio.run`, which
     makes a default asyncio loop whatever the flag says; a policy set first is honoured."""
     if choice == "asyncio":
@@ -44,7 +44,7 @@ def use_event_loop(choice: str) -> None:
         import uvloop
     except ImportError:
         if choice == "uvloop":
-            raise StartupError("--event_loop uvloop, but uvloop is not installed") from None
+            raise StartupError("--event-loop uvloop, but uvloop is not installed") from None
         return
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     # KServe configures `asyncio.get_event_loop()` before `asyncio.run`; give it one to find.
