@@ -64,8 +64,7 @@ REJECTED = Counter(
 )
 BATCH_SIZE = Histogram(
     f"{PREFIX}_batch_size",
-    "Rows (images) decoded together: the running batch at each decoding step (one "
-    "generate call per batch with --compile).",
+    "Rows (images) decoded together: the running batch at each decoding step.",
     LABELS,
     buckets=(1, 2, 4, 8, 16, 32, 64, 128),
 )

@@ -73,7 +73,7 @@ def test_greedy_with_a_penalty_takes_the_penalised_argmax() -> None:
     logits = logits_of("spread")
     logits[17] = logits.max() + 0.01  # best, but already in the history
     sampler = _Sampler(SamplingParams(8, repetition_penalty=1.5), HISTORY)
-    assert not sampler.plain_greedy
+    assert not sampler.batched_greedy
     assert sampler.pick(logits) != 17
     assert _Sampler(SamplingParams(8), HISTORY).pick(logits) == 17
 

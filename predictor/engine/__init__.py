@@ -2,17 +2,17 @@
 
 The process boundary runs through this package:
   - `scheduler`: `Engine`, the bounded queue and the one worker thread that admits rows
-    between decoding steps (and whole `generate` batches with a static cache);
-  - `running_batch`: `RunningBatch`, the rows being decoded with their padded cache, and the
-    per-row sampler;
+    between decoding steps;
+  - `running_batch`: `RunningBatch`, the rows being decoded, each in a cache slot of its own,
+    and the per-row sampler;
+  - `decode_step`: the slot cache and the decoding step over it, compiled with `--compile`;
   - `core`: the engine core process (`--engine_process`), which runs an `Engine` and the
     vision encoder and nothing else;
   - `client`: `RemoteEngine`, the server process's side of that process (admission, futures,
     text deltas, death);
   - `transfer`: the shared arena rows' pixel patches cross the boundary in;
   - `loading`: reading a checkpoint (dtype, device, quantization) into a `LoadedModel`;
-  - `generation`: `Generator`, the model with its processor and stop rules, and the
-    whole-batch `generate` path;
+  - `generation`: `Generator`, the model with its processor, stop rules and text;
   - `vision_graphs` and `patch_embedding`: the vision encoder, traced per image grid.
 In the in-process layout the server builds an `Engine` itself; with the engine process it
 builds a `RemoteEngine`, and the core builds the `Engine`. The request path sees the same

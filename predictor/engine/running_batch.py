@@ -79,18 +79,19 @@ class _Sampler:
             self.random = torch.Generator(device=prompt_ids.device).manual_seed(sampling.seed)
 
     @property
-    def plain_greedy(self) -> bool:
-        """Argmax of the raw logits: done for all such rows at once."""
-        return self.greedy and self.penalty is None and not self._masking
+    def batched_greedy(self) -> bool:
+        """Greedy with no penalty: picked with the batch's other such rows at once."""
+        return self.greedy and self.penalty is None
 
     @property
-    def _masking(self) -> bool:
+    def masking(self) -> bool:
+        """Whether its stop tokens are still masked (`min_new_tokens` not reached)."""
         return self.generated < self.min_new_tokens and bool(self.stop_ids)
 
     def _scores(self, logits: torch.Tensor) -> torch.Tensor:
         """The row's logits ([1, vocab], float) with stop tokens masked and the penalty on."""
         scores = logits.view(1, -1).float()
-        if self._masking:
+        if self.masking:
             scores = scores.clone()
             scores[:, self.stop_ids] = -float("inf")
         if self.penalty is not None:
@@ -319,14 +320,26 @@ class RunningBatch:
 
     @staticmethod
     def _pick(members: Sequence[_Member], logits: torch.Tensor) -> list[int]:
-        # `max` finds the same first largest logit as `argmax`, about 3x faster on a CPU over
-        # a 151,936-token vocabulary (16 rows: 1.3 ms against 3.5 ms, most of a tiny step).
-        greedy: list[int] = []
-        if any(m.sampler.plain_greedy for m in members):
-            greedy = logits.max(dim=-1).indices.tolist()
+        """Every row's next token, with one transfer to the host for all greedy rows.
+
+        Greedy rows without a repetition penalty (most rows: greedy requests, and those whose
+        stop tokens are masked for `min_new_tokens` / `ignore_eos`) are picked together: the
+        masked rows' stop-token logits set to -inf in one operation, then one `max` over the
+        batch. `max` finds the same first largest logit as `argmax`, about 3x faster on a CPU
+        over a 151,936-token vocabulary. The other rows sample one by one."""
+        batched = [i for i, m in enumerate(members) if m.sampler.batched_greedy]
+        greedy: dict[int, int] = {}
+        if batched:
+            scores = logits[batched]
+            masking = [k for k, i in enumerate(batched) if members[i].sampler.masking]
+            if masking:
+                stops = members[batched[masking[0]]].sampler.stop_ids
+                rows = torch.tensor(masking, device=logits.device).view(-1, 1)
+                columns = torch.tensor(stops, device=logits.device).view(1, -1)
+                scores = scores.index_put((rows, columns), scores.new_tensor(-float("inf")))
+            greedy = dict(zip(batched, scores.max(dim=-1).indices.tolist(), strict=True))
         return [
-            greedy[i] if m.sampler.plain_greedy else m.sampler.pick(logits[i])
-            for i, m in enumerate(members)
+            greedy[i] if i in greedy else m.sampler.pick(logits[i]) for i, m in enumerate(members)
         ]
 
     def _retire(self) -> list[Finished]:
