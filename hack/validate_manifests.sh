@@ -6,7 +6,9 @@
 # repository root like VENV), Kubernetes' OpenAPI for built-in kinds, the cross-object checks, the
 # runtime flags through the predictor's parser and, with LIVE=1 (default), the metric names on a
 # predictor started on the tiny test model. An object without a schema is an error.
-# No cluster, no Docker. Idempotent; reports every problem, exits non-zero if there is one.
+# No cluster, no Docker: kubectl only renders, and is run with --kubeconfig=/dev/null and a server
+# address nothing can listen on (tests/k8s/kubectl.py), so it reaches neither your cluster nor
+# the predictor's localhost:8080. Idempotent; reports every problem, exits non-zero if there is one.
 #   OVERLAYS="dev prod" LIVE=0 bash hack/validate_manifests.sh
 #   VENV=/path/to/venv bash hack/validate_manifests.sh   # default .venv, made by hack/setup.sh
 set -euo pipefail

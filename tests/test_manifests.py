@@ -2,7 +2,7 @@
 object validated against its upstream schema, and the cross-object promises checked: GPUs where
 promised, pools that select the predictor pods, routes to pools that exist, metric names a real
 predictor exposes, runtime flags the predictor's own parser accepts. The CRD schemas are the
-unmodified upstream copies in hack/crds/.
+unmodified upstream copies in hack/crds/; kubectl runs offline (tests/k8s/kubectl.py).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -98,6 +99,41 @@ def test_kubectl_is_a_real_kubectl_with_kustomize_v5() -> None:
     version = kubectl.kubectl("version", "--client")
     assert "Client Version: v1.33" in version
     assert re.search(r"Kustomize Version: v5\.", version), version
+
+
+def test_kubectl_reaches_no_server_whatever_the_kubeconfig_says(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A kubeconfig (the user's, through $KUBECONFIG) pointing at a listening server: a kubectl
+    # subcommand that needs a server must neither read it nor fall back to localhost:8080 (the
+    # predictor's own port), and fail at once instead.
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        server.setblocking(False)
+        port = server.getsockname()[1]
+        config = tmp_path / "kubeconfig"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{port}"}}],
+                    "users": [{"name": "u", "user": {"token": "t"}}],
+                    "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+                    "current-context": "x",
+                }
+            )
+        )
+        monkeypatch.setenv("KUBECONFIG", str(config))
+        with pytest.raises(RuntimeError) as failure:
+            kubectl.kubectl("get", "namespaces", "--request-timeout=5s")
+        with pytest.raises(BlockingIOError):
+            server.accept()
+    message = str(failure.value)
+    assert f"{kubectl.UNREACHABLE_SERVER}/api" in message, message
+    assert "connection refused" in message, message
+    assert "8080" not in message and str(port) not in message, message
 
 
 @pytest.mark.parametrize("overlay", sorted(checks.OVERLAYS))
