@@ -146,7 +146,9 @@ def test_the_stand_in_transcripts_are_shown() -> None:
     ]
 
 
-@pytest.mark.parametrize(("command", "shown"), transcripts(), ids=lambda v: v[:80])
+@pytest.mark.parametrize(
+    ("command", "shown"), [pytest.param(c, s, id=c[len(STAND_IN) :]) for c, s in transcripts()]
+)
 def test_stand_in_transcript_is_what_the_command_prints(command: str, shown: str) -> None:
     argv = shlex.split(command)
     assert argv[0] == ".venv/bin/python"
