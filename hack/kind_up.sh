@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 CLUSTER_NAME="${CLUSTER_NAME:-qwen-vl}"
 CERT_MANAGER_VERSION="${CERT_MANAGER_VERSION:-v1.19.1}"
 KSERVE_VERSION="${KSERVE_VERSION:-v0.21.0}"
-# The versions of the CRD schemas the manifests are validated against (../shared/crds).
+# The versions of the CRD schemas the manifests are validated against (hack/crds/SOURCES.md).
 GATEWAY_API_VERSION="${GATEWAY_API_VERSION:-v1.6.1}"
 INFERENCE_EXTENSION_VERSION="${INFERENCE_EXTENSION_VERSION:-v1.6.0}"
 WITH_ISTIO="${WITH_ISTIO:-0}"

@@ -1,13 +1,18 @@
 """The Kubernetes packaging: every overlay rendered by a real kustomize (kubectl v1.33), every
 object validated against its upstream schema, and the cross-object promises checked: GPUs where
 promised, pools that select the predictor pods, routes to pools that exist, metric names a real
-predictor exposes, runtime flags the predictor's own parser accepts.
+predictor exposes, runtime flags the predictor's own parser accepts. The CRD schemas are the
+unmodified upstream copies in hack/crds/; kubectl runs offline (tests/k8s/kubectl.py).
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import re
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 OVERLAYS_DIR = ROOT / "kustomize" / "overlays"
 COMPONENTS_DIR = ROOT / "kustomize" / "components"
 ADAPTER_RULES = COMPONENTS_DIR / "autoscaling" / "prometheus-adapter-rules.yaml"
-CRD_DIR = Path(__file__).resolve().parents[2] / "shared" / "crds"
-needs_crds = pytest.mark.skipif(
-    not CRD_DIR.is_dir(),
-    reason=f"upstream CRD schemas not found at {CRD_DIR} (the shared/ folder beside the clone)",
-)
+# The upstream CRDs vendored in hack/crds/ ($CRD_DIR overrides). Missing schemas fail the tests
+# below; none of them skips.
+CRD_DIR = schemas.CRD_DIR
 
 EXPECTED_OBJECTS = {
     "dev": {"Namespace/qwen-vl-dev", "ServingRuntime/qwen-vl", "InferenceService/qwen-vl"},
@@ -98,6 +101,41 @@ def test_kubectl_is_a_real_kubectl_with_kustomize_v5() -> None:
     assert re.search(r"Kustomize Version: v5\.", version), version
 
 
+def test_kubectl_reaches_no_server_whatever_the_kubeconfig_says(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A kubeconfig (the user's, through $KUBECONFIG) pointing at a listening server: a kubectl
+    # subcommand that needs a server must neither read it nor fall back to localhost:8080 (the
+    # predictor's own port), and fail at once instead.
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        server.setblocking(False)
+        port = server.getsockname()[1]
+        config = tmp_path / "kubeconfig"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{port}"}}],
+                    "users": [{"name": "u", "user": {"token": "t"}}],
+                    "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+                    "current-context": "x",
+                }
+            )
+        )
+        monkeypatch.setenv("KUBECONFIG", str(config))
+        with pytest.raises(RuntimeError) as failure:
+            kubectl.kubectl("get", "namespaces", "--request-timeout=5s")
+        with pytest.raises(BlockingIOError):
+            server.accept()
+    message = str(failure.value)
+    assert f"{kubectl.UNREACHABLE_SERVER}/api" in message, message
+    assert "connection refused" in message, message
+    assert "8080" not in message and str(port) not in message, message
+
+
 @pytest.mark.parametrize("overlay", sorted(checks.OVERLAYS))
 def test_overlay_renders_the_expected_objects(overlay: str) -> None:
     objs = rendered(overlay)
@@ -115,26 +153,69 @@ def test_overlays_are_discovered() -> None:
 
 # --- schemas ------------------------------------------------------------------------------------
 
+SOURCES = schemas.VENDORED_CRD_DIR / "SOURCES.md"
+CHECKSUM_LINE = re.compile(r"^([0-9a-f]{64})  (\S+\.yaml)$", re.MULTILINE)
 
-@needs_crds
+
+def test_vendored_crds_are_the_listed_unmodified_copies() -> None:
+    listed = {name: digest for digest, name in CHECKSUM_LINE.findall(SOURCES.read_text())}
+    on_disk = {p.name: p for p in schemas.VENDORED_CRD_DIR.glob("*.yaml")}
+    assert on_disk, f"no CRDs in {schemas.VENDORED_CRD_DIR}"
+    assert set(listed) == set(on_disk)
+    changed = [
+        name
+        for name, path in on_disk.items()
+        if hashlib.sha256(path.read_bytes()).hexdigest() != listed[name]
+    ]
+    assert not changed, f"edited or replaced without updating SOURCES.md: {changed}"
+    table_rows = set(re.findall(r"^\| (\S+\.yaml) \|", SOURCES.read_text(), re.MULTILINE))
+    assert table_rows == set(on_disk), "every file needs its upstream and version in SOURCES.md"
+
+
+def test_a_missing_or_empty_crd_folder_is_an_error_not_a_skip(tmp_path: Path) -> None:
+    obj = find(rendered("prod"), "InferencePool", "qwen-vl")
+    for folder in (tmp_path / "absent", tmp_path):
+        with pytest.raises(schemas.CrdsMissing):
+            schemas.validate(obj, folder)
+    script = ROOT / "hack" / "manifests_check.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--crds", str(tmp_path / "absent"), "dev"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert "no CRD folder" in result.stderr, result.stderr
+
+
 @pytest.mark.parametrize("overlay", sorted(checks.OVERLAYS))
 def test_every_object_validates_against_its_schema(overlay: str) -> None:
     results = list(schemas.validate_all(rendered(overlay), CRD_DIR))
     invalid = {r.ref: r.errors for r in results if r.status == "invalid"}
     assert not invalid
-    unschemed = {(r.obj["apiVersion"], r.obj["kind"]) for r in results if r.status == "no-schema"}
-    assert unschemed <= schemas.NO_SCHEMA_ALLOWED
+    # Every object has a schema: a kind whose CRD is missing from the folder fails here.
+    assert not {r.ref for r in results if r.status == "no-schema"}
     assert not [u for r in results for u in r.rules_unevaluated]
 
 
-@needs_crds
 def test_cel_rules_of_the_crds_are_evaluated() -> None:
     results = {r.ref: r for r in schemas.validate_all(rendered("prod"), CRD_DIR)}
     assert results["InferencePool/qwen-vl"].rules_evaluated == 2
     assert results["HTTPRoute/qwen-vl"].rules_evaluated > 10
 
 
-@needs_crds
+def test_istio_objects_are_validated_against_the_istio_crds() -> None:
+    results = {r.ref: r for r in schemas.validate_all(rendered("prod"), CRD_DIR)}
+    expected = {
+        "RequestAuthentication/qwen-vl-jwt": "security.istio.io_requestauthentications.yaml",
+        "AuthorizationPolicy/qwen-vl-require-jwt": "security.istio.io_authorizationpolicies.yaml",
+        "EnvoyFilter/qwen-vl-gateway-ratelimit": "networking.istio.io_envoyfilters.yaml",
+    }
+    for ref, source in expected.items():
+        assert (results[ref].status, results[ref].source) == ("ok", source), results[ref]
+        assert results[ref].rules_evaluated > 0, ref
+
+
 @pytest.mark.parametrize(
     ("kind", "name", "mutate", "expected"),
     [
@@ -173,6 +254,30 @@ def test_cel_rules_of_the_crds_are_evaluated() -> None:
             "qwen-vl-epp",
             lambda o: o["spec"]["template"]["spec"]["containers"][0].update(port=9002),
             "Additional properties are not allowed ('port'",
+        ),
+        (
+            "AuthorizationPolicy",
+            "qwen-vl-require-jwt",
+            lambda o: o["spec"].update(action="PERMIT"),
+            "'PERMIT' is not one of ['ALLOW', 'DENY', 'AUDIT', 'CUSTOM']",
+        ),
+        (
+            "AuthorizationPolicy",
+            "qwen-vl-require-jwt",
+            lambda o: o["spec"].update(selector={"matchLabels": {"app": "x"}}),
+            "only one of targetRefs or selector can be set",
+        ),
+        (
+            "RequestAuthentication",
+            "qwen-vl-jwt",
+            lambda o: o["spec"]["jwtRules"][0].update(jwks="{}"),
+            "only one of jwks or jwksUri can be set",
+        ),
+        (
+            "EnvoyFilter",
+            "qwen-vl-gateway-ratelimit",
+            lambda o: o["spec"]["configPatches"][0].update(applyTo="HTTP_FILTERS"),
+            "'HTTP_FILTERS' is not one of",
         ),
     ],
 )

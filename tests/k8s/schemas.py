@@ -1,11 +1,14 @@
 """Schema validation of rendered objects, as strict as `kubectl apply --validate=strict`.
 
-Custom resources are checked against the `openAPIV3Schema` of the upstream CRDs in
-`../shared/crds/` (the sibling of the repository), translated to JSON Schema with the API
-server's rules: fields a schema does not declare are errors unless it says
-`x-kubernetes-preserve-unknown-fields`, `nullable` admits null, `x-kubernetes-int-or-string`
-admits both. `metadata` is checked against Kubernetes' ObjectMeta. Built-in kinds go through
-`kubernetes-validate` (bundled, offline OpenAPI schemas) in strict mode.
+Custom resources are checked against the `openAPIV3Schema` of the upstream CRDs vendored in
+`hack/crds/` (unmodified release copies, see its SOURCES.md; `$CRD_DIR` overrides the folder),
+translated to JSON Schema with the API server's rules: fields a schema does not declare are
+errors unless it says `x-kubernetes-preserve-unknown-fields`, `nullable` admits null,
+`x-kubernetes-int-or-string` admits both. `metadata` is checked against Kubernetes' ObjectMeta.
+Built-in kinds go through `kubernetes-validate` (bundled, offline OpenAPI schemas) in strict
+mode. An object with neither (a custom kind whose CRD is not in the folder) comes back
+`no-schema`, which every caller treats as an error; a missing or empty CRD folder raises
+`CrdsMissing`.
 
 The CRDs' CEL rules (`x-kubernetes-validations`) are evaluated too (tests/k8s/cel.py); a rule
 that cannot be evaluated here is reported, not passed.
@@ -14,6 +17,7 @@ that cannot be evaluated here is reported, not passed.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cache
@@ -29,18 +33,15 @@ from referencing import Registry, Resource
 from tests.k8s import cel
 
 ROOT = Path(__file__).resolve().parents[2]
-CRD_DIR = ROOT.parent / "shared" / "crds"
+VENDORED_CRD_DIR = ROOT / "hack" / "crds"
+CRD_DIR = Path(os.environ.get("CRD_DIR") or VENDORED_CRD_DIR)
 KUBERNETES_VERSION = "1.33"
 OBJECT_META = "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"
-# Kinds that may render without a schema to check them against: the gateway-istio component's
-# Istio policies, where a ../shared/crds has no Istio CRDs (newer ones do, and then they are
-# checked like any other). Any other schema-less object is an error.
-NO_SCHEMA_ALLOWED = {
-    ("security.istio.io/v1", "RequestAuthentication"),
-    ("security.istio.io/v1", "AuthorizationPolicy"),
-    ("networking.istio.io/v1alpha3", "EnvoyFilter"),
-}
 DEFINITIONS_URI = "https://kubernetes.io/api/_definitions.json"
+
+
+class CrdsMissing(FileNotFoundError):
+    """The CRD folder is missing or holds no CustomResourceDefinition: nothing can be validated."""
 
 
 @dataclass
@@ -114,8 +115,15 @@ def _kubernetes_definitions() -> dict[str, Any]:
 
 
 def crd_schemas(crd_dir: Path = CRD_DIR) -> dict[tuple[str, str], CrdSchema]:
-    """{(apiVersion, kind): schema} for every served version of every CRD in `crd_dir`."""
-    return _crd_schemas(crd_dir.resolve())
+    """{(apiVersion, kind): schema} for every served version of every CRD in `crd_dir`.
+
+    Raises `CrdsMissing` if the folder does not exist or holds no CRD."""
+    if not crd_dir.is_dir():
+        raise CrdsMissing(f"no CRD folder at {crd_dir} (the vendored copy is {VENDORED_CRD_DIR})")
+    index = _crd_schemas(crd_dir.resolve())
+    if not index:
+        raise CrdsMissing(f"no CustomResourceDefinition in {crd_dir}/*.yaml")
+    return index
 
 
 @cache
@@ -160,7 +168,7 @@ def _validator(crd_dir: Path, key: tuple[str, str]) -> jsonschema.Draft202012Val
 
 def validate(obj: dict[str, Any], crd_dir: Path = CRD_DIR) -> Result:
     key = (obj.get("apiVersion", ""), obj.get("kind", ""))
-    crds = crd_schemas(crd_dir) if crd_dir.is_dir() else {}
+    crds = crd_schemas(crd_dir)
     if key in crds:
         crd = crds[key]
         validator = _validator(crd_dir.resolve(), key)
