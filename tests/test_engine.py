@@ -361,20 +361,20 @@ def test_out_of_memory_on_admission_splits_the_rows_until_they_fit(generator) ->
 
 
 class OutOfMemoryOnceWhileDecoding(RecordingBatch):
-    """CUDA's out-of-memory error in the last layer of the third step, once: the first layer
+    """CUDA's out-of-memory error in the last layer's MLP in the third step, once: every layer
     has already written its keys for the step, so the step must leave the rows as they were."""
 
     def step(self):
         if len(self.steps) == 2 and not getattr(self, "failed", False):
             self.failed = True
-            last = self.decode.layers[-1]
-            original = last.forward
+            mlp = self.decode.layers[-1].mlp  # after that layer's attention wrote its keys
+            original = mlp.forward
 
             def failing(*args, **kwargs):
-                last.forward = original
+                mlp.forward = original
                 raise torch.OutOfMemoryError("injected: CUDA out of memory")
 
-            last.forward = failing
+            mlp.forward = failing
         return super().step()
 
 
