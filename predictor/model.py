@@ -24,7 +24,14 @@ from predictor.engine.client import RemoteEngine
 from predictor.engine.generation import Generator
 from predictor.engine.loading import load_checkpoint_sampling, load_model, load_processor
 from predictor.engine.scheduler import Engine, EngineConfig, Reservation
-from predictor.errors import InvalidRequest, ShuttingDown, StartupError
+from predictor.errors import (
+    EngineUnavailable,
+    InvalidRequest,
+    ModelUnavailable,
+    ShuttingDown,
+    StartupError,
+    Unavailable,
+)
 from predictor.inputs.image_workers import ImageWorkers
 from predictor.inputs.images import ImageLimits, prepare_image
 from predictor.inputs.preprocessing import Preprocessor
@@ -102,10 +109,20 @@ class QwenVLModel(Model):
         self.loaded_at = 0.0  # time.time() when the model became ready
         self.limits: RequestLimits | None = None
         self._stopped = False
+        self._load_started = False
         metrics.touch(self.name)
 
     def load(self) -> bool:
-        """Load the checkpoint, run the warm-up generation, and only then report ready."""
+        """Load the checkpoint, run the warm-up generation, and only then report ready.
+
+        Once per process, at start-up (`predictor.server.main`): nothing on the request path
+        calls it (`predictor.server.health.HealthDataPlane.get_model` refuses instead), and a
+        second call is refused here too, since a second copy of the weights does not fit a GPU
+        sized for one."""
+        if self._load_started:
+            raise RuntimeError(f"model {self.name} loads once per process, at start-up")
+        self._load_started = True
+        logger.info("loading model %s from %s", self.name, self.settings.model_dir)
         started = time.perf_counter()
         if self.settings.engine_process:
             return self._load_engine_process(started)
@@ -181,6 +198,9 @@ class QwenVLModel(Model):
         )
 
     def stop(self) -> None:
+        """Stop the engine: on an unload through the repository API, and at exit (`main`)."""
+        if self._stopped:
+            return
         self._stopped = True
         if self.engine is not None:
             self.engine.stop()
@@ -198,6 +218,20 @@ class QwenVLModel(Model):
     async def healthy(self) -> bool:
         """KServe's per-model readiness: loaded, and still alive."""
         return self.ready and self.alive
+
+    def serving_refusal(self) -> Unavailable | None:
+        """Why a request that holds its place cannot be served (503 + Retry-After), or None.
+
+        Not readiness: readiness goes false at the drain's start, while the requests already
+        admitted must still be served. What refuses new requests while draining is the
+        engine's admission (`admit`, `take_reservation`), which the doors ask first."""
+        if self.engine_failed is not None:
+            return EngineUnavailable(self.engine_failed)
+        if self._stopped:
+            return ModelUnavailable(self.name, "was unloaded")
+        if self.engine is None:
+            return ModelUnavailable(self.name)
+        return None
 
     # ---- drain (predictor.server.drain) --------------------------------------------------------
 
