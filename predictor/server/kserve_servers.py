@@ -8,10 +8,11 @@ else of KServe's start-up (routes, signal handling, the model registry) stays KS
 - REST: uvicorn runs `predictor.server.admission`'s protocol (the door that answers 503 when the
   engine is full, and `predictor.server.http_limits`' header size limit, header and body deadlines),
   and KServe's logging exception handlers are replaced by quiet ones (`predictor.server.logs`);
-- gRPC: KServe's exception interceptor, which logs a traceback for every rejected call,
-  becomes one that logs a refusal as one WARNING line (a traceback only for INTERNAL), and a
-  cancelled call as one INFO line; the HTTP/2 handshake must finish within the header deadline.
-  Metadata size keeps grpcio's own limits (8 KiB soft, 16 KiB hard: RESOURCE_EXHAUSTED).
+- gRPC: the door (`predictor.server.grpc_door`) comes first among the interceptors; KServe's
+  exception interceptor, which logs a traceback for every rejected call, becomes one that
+  logs a refusal as one WARNING line (a traceback only for INTERNAL), and a cancelled call as
+  one INFO line; the HTTP/2 handshake must finish within the header deadline. Metadata size
+  keeps grpcio's own limits (8 KiB soft, 16 KiB hard: RESOURCE_EXHAUSTED).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from kserve.protocol.rest.server import RESTServer
 from timing_asgi import TimingMiddleware
 
 from predictor.server.admission import Door, check_uvicorn, door_protocol
+from predictor.server.grpc_door import GrpcDoor
 from predictor.server.grpc_model_config import model_config_handler
 from predictor.server.health import GuardedRepository, HealthDataPlane
 from predictor.server.http_limits import ClientLimits
@@ -133,12 +135,14 @@ class QuietGRPCServer(GRPCServer):
     `ModelConfig` method)."""
 
     handshake_timeout_s = 10.0
+    door: GrpcDoor | None = None
 
     async def start(self, max_workers: int) -> None:
         servicer = InferenceServicer(self._data_plane, self._model_repository_extension)
+        door = () if self.door is None else (self.door,)
         self._server = aio.server(
             futures.ThreadPoolExecutor(max_workers=max_workers),
-            interceptors=(LoggingInterceptor(), QuietExceptionToStatusInterceptor()),
+            interceptors=(*door, LoggingInterceptor(), QuietExceptionToStatusInterceptor()),
             options=[
                 ("grpc.max_send_message_length", self._kwargs.get("grpc_max_send_message_length")),
                 (
@@ -158,12 +162,18 @@ class QuietGRPCServer(GRPCServer):
         await self._server.wait_for_termination()
 
 
-def install(kserve_model_server: Any, limits: ClientLimits, door: Door | None = None) -> None:
-    """Make `kserve.model_server.ModelServer.start()` build these servers with `limits` (and
-    REST with `door`)."""
+def install(
+    kserve_model_server: Any,
+    limits: ClientLimits,
+    door: Door | None = None,
+    grpc_door: GrpcDoor | None = None,
+) -> None:
+    """Make `kserve.model_server.ModelServer.start()` build these servers with `limits` and
+    their doors."""
     check_uvicorn()
     LimitedRESTServer.client_limits = limits
     LimitedRESTServer.door = door
+    QuietGRPCServer.door = grpc_door
     QuietGRPCServer.handshake_timeout_s = limits.header_timeout_s
     kserve_model_server.RESTServer = LimitedRESTServer
     kserve_model_server.GRPCServer = QuietGRPCServer
@@ -182,6 +192,7 @@ def harden(server: Any, kserve_model_server: Any, model: Any, settings: Settings
         body_timeout_s=settings.http_body_timeout_s,
         max_body_bytes=request_bytes_limit(settings),
     )
-    install(kserve_model_server, limits, Door(model.admit, model.name, lambda: model.draining))
+    door = Door(model.admit, model.name, lambda: model.draining)
+    install(kserve_model_server, limits, door, GrpcDoor(model.admit, model.name))
     # Added last, so it runs first (the door's 503s never reach it: the door logs them).
     kserve_model_server.app.add_middleware(RequestLogMiddleware, model_name=model.name)
