@@ -13,6 +13,9 @@ else of KServe's start-up (routes, signal handling, the model registry) stays KS
   logs a refusal as one WARNING line (a traceback only for INTERNAL), and a cancelled call as
   one INFO line; the HTTP/2 handshake must finish within the header deadline. Metadata size
   keeps grpcio's own limits (8 KiB soft, 16 KiB hard: RESOURCE_EXHAUSTED).
+
+Both servers also take their part in the drain (`predictor.server.drain`): `begin_drain` at
+the signal, `finish` once the requests they accepted are answered.
 """
 
 from __future__ import annotations
@@ -48,9 +51,11 @@ from predictor.server.health import GuardedRepository, HealthDataPlane
 from predictor.server.http_limits import ClientLimits
 from predictor.server.logs import RequestLogMiddleware, install_quiet_exception_handlers, one_line
 from predictor.server.request_limits import request_bytes_limit
+from predictor.server.rest_drain import DrainingServer
 from predictor.settings import Settings
 
 logger = logging.getLogger(__name__)
+REST_EXIT_S = 5.0  # for the connections still open when the listener closes (1 s each at most)
 requests_logger = logging.getLogger("predictor.requests")  # one line per refused call
 
 # KServe's own mapping (kserve/protocol/grpc/interceptors.py), minus its logging.
@@ -113,6 +118,19 @@ class LimitedRESTServer(RESTServer):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.config.http = door_protocol(self.client_limits, self.door)
+        self._server = DrainingServer(self.config)
+
+    def begin_drain(self, grace_s: float) -> None:
+        """Connection: close on every response from now on; idle kept-alive ones close."""
+        self._server.begin_drain()
+
+    async def finish(self) -> None:
+        """Close the listener last (`predictor.server.rest_drain`) and wait for the exit."""
+        self._server.should_exit = True
+        try:
+            await asyncio.wait_for(self._server.exited.wait(), REST_EXIT_S)
+        except TimeoutError:
+            logger.warning("REST connections open %g s after the listener closed", REST_EXIT_S)
 
     def _add_exception_handlers(self, app: Any) -> None:
         super()._add_exception_handlers(app)
@@ -136,6 +154,7 @@ class QuietGRPCServer(GRPCServer):
 
     handshake_timeout_s = 10.0
     door: GrpcDoor | None = None
+    _stopping: asyncio.Task | None = None  # the stop the drain began
 
     async def start(self, max_workers: int) -> None:
         servicer = InferenceServicer(self._data_plane, self._model_repository_extension)
@@ -160,6 +179,21 @@ class QuietGRPCServer(GRPCServer):
         logger.info("Starting gRPC server on %s with %d workers", listen_addr, max_workers)
         await self._server.start()
         await self._server.wait_for_termination()
+
+    def begin_drain(self, grace_s: float) -> None:
+        """Stop the server now, letting the calls in progress finish for up to `grace_s`.
+
+        grpc.aio's `stop(grace)` is the one way to send HTTP/2 GOAWAY: it closes the listener
+        and tells every connection to go away, so clients' channels reconnect (elsewhere,
+        behind a load balancer) and their new calls never reach this process; a call that
+        raced the GOAWAY is refused by grpc itself and retried by the client's channel."""
+        if self._server is not None and self._stopping is None:
+            self._stopping = asyncio.get_running_loop().create_task(self._server.stop(grace_s))
+
+    async def finish(self) -> None:
+        """Wait for the calls in progress to end (they did, if the drain is over)."""
+        if self._stopping is not None:
+            await asyncio.shield(self._stopping)
 
 
 def install(

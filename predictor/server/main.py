@@ -128,7 +128,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     Drain(server, model, settings.drain_timeout_s).install(kserve_server.app)
     gc.collect()
     gc.freeze()
-    server.start([model])
+    try:
+        server.start([model])  # returns once the drain has stopped both servers
+    finally:
+        model.stop()  # the engine (and its process) last, with nothing left to serve
+        logger.info("stopped")
 
 
 if __name__ == "__main__":
