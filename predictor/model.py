@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from typing import Any
@@ -104,6 +105,8 @@ class QwenVLModel(Model):
         self.preprocessor: Generator | Preprocessor | None = None  # encodes rows for the engine
         self.engine: Engine | RemoteEngine | None = None
         self.engine_failed: str | None = None  # why the engine process died, if it did
+        # Called with that reason when it dies, on the engine's reader thread.
+        self.death_listeners: list[Callable[[str], None]] = []
         self.image_workers = ImageWorkers()  # image decoding and the processor, off the loop
         self.draining = False  # set by predictor.server.drain on SIGTERM / SIGINT
         self.loaded_at = 0.0  # time.time() when the model became ready
@@ -174,9 +177,12 @@ class QwenVLModel(Model):
         return self.ready
 
     def _engine_died(self, detail: str) -> None:
-        """The engine process is gone and will not come back: stop saying ready or live."""
+        """The engine process is gone and will not come back: stop saying ready or live, and
+        tell the listeners (`predictor.server.fail_fast`); on the engine's reader thread."""
         self.ready = False
         self.engine_failed = detail
+        for listener in self.death_listeners:
+            listener(detail)
 
     def _request_limits(
         self, checkpoint_budget: PixelBudget, checkpoint_sampling: dict[str, Any]
@@ -288,7 +294,7 @@ class QwenVLModel(Model):
         return reservation
 
     def take_reservation(self) -> Reservation:
-        """The place this request took at the door, or a new one (gRPC has no door)."""
+        """The place this request took at its door (REST or gRPC), or a new one."""
         assert self.engine is not None, "called before load"
         door = _DOOR.get(None)
         if door is not None and door.held:
