@@ -43,6 +43,7 @@ class DrainingServer(_RefreshingServer):
     def __init__(self, config: Any):
         super().__init__(config)
         self.exited = asyncio.Event()  # set once shutdown() is over
+        self._listeners_closed = False
 
     def begin_drain(self) -> None:
         """Connection: close on every response from now on; idle kept-alive ones close now."""
@@ -62,6 +63,9 @@ class DrainingServer(_RefreshingServer):
         # A duplicate of each listening socket keeps it listening once the loop's server has
         # stopped polling it; what the kernel has queued on it is accepted here, with no
         # await between the last accept and the close.
+        if self._listeners_closed:
+            return
+        self._listeners_closed = True
         listeners = [_duplicate(s) for server in self.servers for s in server.sockets or ()]
         for server in self.servers:
             server.close()
