@@ -3,10 +3,11 @@
 
 For each protocol (v2 REST, OpenAI plain, OpenAI streaming, gRPC) a server on loopback with
 default flags, `--clients` closed-loop clients (tests/closed_loop.py says what each outcome
-means), SIGTERM once every client has had an answer, and a Markdown table: the requests in
-flight at the signal, those sent after it and what they got, how long the process took to
-exit, and how many times the log says the weights loaded. With `--kill_engine` the engine
-process is killed first (SIGKILL), and SIGTERM follows `--after_kill_s` later.
+means), SIGTERM once every client's request is in the engine, and a Markdown table: the
+requests in flight at the signal, those sent after it (before and after the process exited)
+and what they got, when the last answer came and the process exited, and how many times the
+log says the weights loaded. With `--kill_engine` the engine process is killed first
+(SIGKILL), and SIGTERM follows `--after_kill_s` later.
 
     python hack/drain_check.py [--model_dir DIR] [--protocols v2,grpc] [--together]
 
@@ -86,12 +87,15 @@ def run(model_dir: Path, log: Path, protocols: list[str], args: argparse.Namespa
     moment = killed if killed is not None else signalled
     for protocol in protocols:
         mine = [o for o in outcomes if o.protocol == protocol]
-        after = sent_after(mine, moment)
+        before_exit = [o for o in sent_after(mine, moment) if o.started < exited]
+        after_exit = sent_after(mine, exited)
+        answers = [o.ended for o in mine if o.kind == OK]
+        last = f"{max(answers) - moment:.1f} s" if answers else "-"
         lost = [o for o in mine if o.kind == "lost"]
         rows.append(
             f"| {NAMES[protocol]} | {described(kinds(in_flight_at(mine, moment)))} "
-            f"| {described(kinds(after))} | {exited - signalled:.1f} s (exit code {code}) "
-            f"| {loads} | {len(lost)} |"
+            f"| {described(kinds(before_exit))} | {described(kinds(after_exit))} "
+            f"| {last} | {exited - signalled:.1f} s (code {code}) | {loads} | {len(lost)} |"
         )
         for outcome in lost[:5]:
             print(f"  lost ({protocol}): {outcome.detail}", file=sys.stderr)
@@ -114,8 +118,9 @@ def main() -> None:
         model_dir = args.model_dir or tiny_model(Path(scratch))
         event = "engine SIGKILL" if args.kill_engine else "SIGTERM"
         print(
-            f"| protocol | in flight at {event} | sent after {event} | exit after SIGTERM "
-            "| weight loads in log | lost |\n|---|---|---|---|---|---|"
+            f"| protocol | in flight at {event} | sent after {event}, before the exit "
+            f"| sent after the exit | last answer after {event} | exit after SIGTERM "
+            "| weight loads in log | lost |\n|---|---|---|---|---|---|---|---|"
         )
         groups = [protocols] if args.together else [[p] for p in protocols]
         for group in groups:
