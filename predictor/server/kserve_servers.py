@@ -185,8 +185,9 @@ class QuietGRPCServer(GRPCServer):
 
         grpc.aio's `stop(grace)` is the one way to send HTTP/2 GOAWAY: it closes the listener
         and tells every connection to go away, so clients' channels reconnect (elsewhere,
-        behind a load balancer) and their new calls never reach this process; a call that
-        raced the GOAWAY is refused by grpc itself and retried by the client's channel."""
+        behind a load balancer) and their new calls never reach this process. A call that
+        reaches it in the instant it stops, before the event loop picked it up, is cancelled
+        by grpc itself, unprocessed (docs/shutdown.md: the known limit)."""
         if self._server is not None and self._stopping is None:
             self._stopping = asyncio.get_running_loop().create_task(self._server.stop(grace_s))
 

@@ -8,13 +8,13 @@ whose client has just sent its next request when the server closes it. Here:
 
 - `begin_drain()`, at the drain's start: every response from then on carries
   `Connection: close`, those of requests already in progress included, and kept-alive
-  connections that are idle close at once (`DoorProtocol.begin_drain`), so clients open new
+  connections that are idle close at once (`DrainingProtocol.begin_drain`), so clients open new
   connections, which a load balancer sends elsewhere and this server's door answers with 503;
 - `shutdown()`, at the drain's end: the loop stops accepting, the connections already in the
   listen queue are accepted and served (the door answers them), and only then does the
   listening socket close. From then on a client's connect is refused: an error before any
   byte was sent, which it can retry elsewhere. A connection opened but with no request yet
-  gets `EXIT_WAIT_S` for it (`DoorProtocol.shutdown`), so the exit stays bounded.
+  gets `EXIT_WAIT_S` for it (`DrainingProtocol.shutdown`), so the exit stays bounded.
 """
 
 from __future__ import annotations
