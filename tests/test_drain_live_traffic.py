@@ -43,6 +43,7 @@ EXIT_AFTER_DRAIN_S = 5.0  # the issue's bound: the exit comes within the drain t
 FAIL_FAST_S = 3.0  # liveness false after the engine dies (the probe's answer, not its period)
 REST = ("v2", "openai", "stream")
 CLIENT_SLACK_S = 0.5  # between the server's answer and the client thread noting it
+RACE_S = 0.25  # a request sent this shortly before the signal may arrive after it
 
 
 def every_protocol_answered(outcomes: list[Outcome]) -> bool:
@@ -111,7 +112,13 @@ def test_sigterm_under_live_traffic_loses_nothing(tiny_qwen3_vl: Path, tmp_path:
     for protocol in PROTOCOLS:
         mine = of(outcomes, protocol)
         in_flight, after = in_flight_at(mine, signalled), sent_after(mine, signalled)
-        assert kinds(in_flight) == {OK: CLIENTS}, (protocol, kinds(in_flight))
+        # Every request the server held at the signal is answered in full. One sent just
+        # before it may reach the door after it (a request that was never accepted): refused.
+        assert all(
+            o.kind == OK or (o.kind == REFUSED and signalled - o.started < RACE_S)
+            for o in in_flight
+        ), (protocol, kinds(in_flight))
+        assert kinds(in_flight)[OK] > 0, (protocol, kinds(in_flight))
         # Only a request that raced the signal may be served; the rest are turned away.
         assert after and kinds(after)[OK] <= CLIENTS, (protocol, kinds(after))
         if protocol in REST:
