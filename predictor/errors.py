@@ -60,6 +60,16 @@ class ShuttingDown(Unavailable):
         super().__init__(f"server shutting down; retry after {RETRY_AFTER_S} s")
 
 
+class ModelUnavailable(Unavailable):
+    """A request for a model that cannot serve now (not loaded, or unloaded): refused, never
+    loaded from the request path (models load at start-up only, see `predictor.server.health`)."""
+
+    code = "model_not_ready"
+
+    def __init__(self, model_name: str, why: str = "is not loaded") -> None:
+        super().__init__(f"model {model_name} {why}; retry after {RETRY_AFTER_S} s")
+
+
 class DeadlineExceeded(GrpcException):
     """The request ran past --request_timeout_s (HTTP 504, gRPC DEADLINE_EXCEEDED)."""
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from typing import Any
@@ -25,7 +26,14 @@ from predictor.engine.decode_step import configure_compile_cache
 from predictor.engine.generation import Generator
 from predictor.engine.loading import load_checkpoint_sampling, load_model, load_processor
 from predictor.engine.scheduler import Engine, EngineConfig, Reservation
-from predictor.errors import InvalidRequest, ShuttingDown, StartupError
+from predictor.errors import (
+    EngineUnavailable,
+    InvalidRequest,
+    ModelUnavailable,
+    ShuttingDown,
+    StartupError,
+    Unavailable,
+)
 from predictor.inputs.image_workers import ImageWorkers
 from predictor.inputs.images import ImageLimits, prepare_image
 from predictor.inputs.preprocessing import Preprocessor
@@ -98,15 +106,27 @@ class QwenVLModel(Model):
         self.preprocessor: Generator | Preprocessor | None = None  # encodes rows for the engine
         self.engine: Engine | RemoteEngine | None = None
         self.engine_failed: str | None = None  # why the engine process died, if it did
+        # Called with that reason when it dies, on the engine's reader thread.
+        self.death_listeners: list[Callable[[str], None]] = []
         self.image_workers = ImageWorkers()  # image decoding and the processor, off the loop
         self.draining = False  # set by predictor.server.drain on SIGTERM / SIGINT
         self.loaded_at = 0.0  # time.time() when the model became ready
         self.limits: RequestLimits | None = None
         self._stopped = False
+        self._load_started = False
         metrics.touch(self.name)
 
     def load(self) -> bool:
-        """Load the checkpoint, run the warm-up generation, and only then report ready."""
+        """Load the checkpoint, run the warm-up generation, and only then report ready.
+
+        Once per process, at start-up (`predictor.server.main`): nothing on the request path
+        calls it (`predictor.server.health.HealthDataPlane.get_model` refuses instead), and a
+        second call is refused here too, since a second copy of the weights does not fit a GPU
+        sized for one."""
+        if self._load_started:
+            raise RuntimeError(f"model {self.name} loads once per process, at start-up")
+        self._load_started = True
+        logger.info("loading model %s from %s", self.name, self.settings.model_dir)
         started = time.perf_counter()
         if self.settings.engine_process:
             return self._load_engine_process(started)
@@ -155,9 +175,12 @@ class QwenVLModel(Model):
         return self.ready
 
     def _engine_died(self, detail: str) -> None:
-        """The engine process is gone and will not come back: stop saying ready or live."""
+        """The engine process is gone and will not come back: stop saying ready or live, and
+        tell the listeners (`predictor.server.fail_fast`); on the engine's reader thread."""
         self.ready = False
         self.engine_failed = detail
+        for listener in self.death_listeners:
+            listener(detail)
 
     def _request_limits(
         self, checkpoint_budget: PixelBudget, checkpoint_sampling: dict[str, Any]
@@ -180,6 +203,9 @@ class QwenVLModel(Model):
         )
 
     def stop(self) -> None:
+        """Stop the engine: on an unload through the repository API, and at exit (`main`)."""
+        if self._stopped:
+            return
         self._stopped = True
         if self.engine is not None:
             self.engine.stop()
@@ -197,6 +223,20 @@ class QwenVLModel(Model):
     async def healthy(self) -> bool:
         """KServe's per-model readiness: loaded, and still alive."""
         return self.ready and self.alive
+
+    def serving_refusal(self) -> Unavailable | None:
+        """Why a request that holds its place cannot be served (503 + Retry-After), or None.
+
+        Not readiness: readiness goes false at the drain's start, while the requests already
+        admitted must still be served. What refuses new requests while draining is the
+        engine's admission (`admit`, `take_reservation`), which the doors ask first."""
+        if self.engine_failed is not None:
+            return EngineUnavailable(self.engine_failed)
+        if self._stopped:
+            return ModelUnavailable(self.name, "was unloaded")
+        if self.engine is None:
+            return ModelUnavailable(self.name)
+        return None
 
     # ---- drain (predictor.server.drain) --------------------------------------------------------
 
@@ -253,7 +293,7 @@ class QwenVLModel(Model):
         return reservation
 
     def take_reservation(self) -> Reservation:
-        """The place this request took at the door, or a new one (gRPC has no door)."""
+        """The place this request took at its door (REST or gRPC), or a new one."""
         assert self.engine is not None, "called before load"
         door = _DOOR.get(None)
         if door is not None and door.held:

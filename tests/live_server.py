@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -14,9 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 
 MODEL_NAME = "qwen-vl"
 STARTUP_TIMEOUT_S = 180
+# What predictor.engine.loading logs each time a checkpoint's weights load, in either process.
+_WEIGHTS_LOAD = re.compile(r"predictor\.engine\.loading.*: loading ")
 
 
 def infer_body(picture: bytes, max_new_tokens: int) -> dict:
@@ -86,6 +90,18 @@ class LiveServer:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def weight_loads(self) -> int:
+        """How many times the log says a checkpoint's weights were loaded (once is right)."""
+        return len(_WEIGHTS_LOAD.findall(self.log()))
+
+
+def engine_process(server: LiveServer) -> psutil.Process:
+    """The engine core among the server's children (the other is multiprocessing's tracker)."""
+    for child in psutil.Process(server.process.pid).children():
+        if "resource_tracker" not in " ".join(child.cmdline()):
+            return child
+    raise AssertionError("the server has no engine process")
+
 
 TEST_DEFAULTS = (("--dtype", "float32"), ("--compile", "false"))
 
@@ -137,3 +153,28 @@ def start_server(model_dir: Path, log_path: Path, *extra_args: str) -> Iterator[
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def wait_running(
+    server: LiveServer, count: int, timeout_s: float = 60, queued: bool = False
+) -> None:
+    """Until `count` requests are generating in the engine (or queued for it, with `queued`):
+    admitted, past their image decoding."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    names = {"qwen_vl_num_requests_running"}
+    if queued:
+        names.add("qwen_vl_num_requests_waiting")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = httpx.get(f"{server.url}/metrics", timeout=5).text
+        admitted = sum(
+            s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name in names
+        )
+        if admitted >= count:
+            return
+        assert time.monotonic() < deadline, f"only {admitted} of {count} requests in the engine"
+        time.sleep(0.05)

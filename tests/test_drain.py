@@ -19,7 +19,13 @@ import pytest
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
 
-from tests.live_server import LiveServer, full_length_picture, infer_body, start_server
+from tests.live_server import (
+    LiveServer,
+    full_length_picture,
+    infer_body,
+    start_server,
+    wait_running,
+)
 
 pytestmark = pytest.mark.slow
 LONG = 2000  # tokens: a few seconds on the tiny model, long enough to be running at SIGTERM
@@ -113,24 +119,6 @@ def run_all(calls: list[Callable[[], tuple]]) -> tuple[list[threading.Thread], l
     for thread in threads:
         thread.start()
     return threads, results
-
-
-def wait_running(server: LiveServer, count: int, timeout_s: float = 60) -> None:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        text = httpx.get(f"{server.url}/metrics", timeout=5).text
-        running = next(
-            s.value
-            for f in text_string_to_metric_families(text)
-            for s in f.samples
-            if s.name == "qwen_vl_num_requests_running"
-        )
-        if running >= count:
-            return
-        assert time.monotonic() < deadline, f"only {running} of {count} requests running"
-        time.sleep(0.05)
 
 
 def test_sigterm_loses_no_accepted_request(

@@ -29,21 +29,19 @@ from predictor.params import SamplingParams
 from predictor.rows import Row
 from predictor.settings import Settings
 from tests import images
-from tests.live_server import LiveServer, full_length_picture, infer_body, start_server
+from tests.live_server import (
+    LiveServer,
+    engine_process,
+    full_length_picture,
+    infer_body,
+    start_server,
+)
 
 pytestmark = pytest.mark.slow
 ENGINE_ARGS = (
     "--engine_process", "true", "--max_new_tokens_limit", "4000",
     "--generation_config", "none",  # greedy: answers are compared across requests
 )  # fmt: skip
-
-
-def engine_process(server: LiveServer) -> psutil.Process:
-    """The engine core among the server's children (the other is multiprocessing's tracker)."""
-    for child in psutil.Process(server.process.pid).children():
-        if "resource_tracker" not in " ".join(child.cmdline()):
-            return child
-    raise AssertionError("the server has no engine process")
 
 
 def gauge(server: LiveServer, name: str) -> float:

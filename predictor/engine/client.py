@@ -9,9 +9,9 @@ queue plus the batch slots free, as in the engine itself.
 
 One thread reads the core's messages: text deltas go straight to each row's `on_text` (as
 the engine's thread calls it in-process), completions and errors resolve the request's future
-on its event loop. If the core dies, that thread fails every request the core held with
-`EngineUnavailable` (503) and calls `on_death`, which makes the model not ready and the
-server not live, so Kubernetes restarts the pod.
+on its event loop. If the core dies, that thread calls `on_death`, which makes the model not
+ready and the server not live, so Kubernetes restarts the pod, and then fails every request
+the core held with `EngineUnavailable` (503).
 """
 
 from __future__ import annotations
@@ -291,14 +291,19 @@ class RemoteEngine:
         detail = f"the engine process exited with {self.process.exitcode}"
         if not stopping:
             logger.error("%s; %d requests fail", detail, len(held))
+        # Told first: what it schedules on the event loop (the gRPC server's GOAWAY) runs
+        # before the failed requests' answers go out and their clients send again.
+        if not stopping and self.on_death is not None:
+            try:
+                self.on_death(detail)
+            except Exception:  # a bug there must not leave the requests hanging
+                logger.exception("the engine's death handler failed")
         for pending in held:
             pending.loop.call_soon_threadsafe(
                 _resolve, pending.future, None, EngineUnavailable(detail)
             )
         metrics.REQUESTS_RUNNING.labels(self.model_name).set(0)
         metrics.REQUESTS_WAITING.labels(self.model_name).set(0)
-        if not stopping and self.on_death is not None:
-            self.on_death(detail)
 
     # ---- drain (predictor.server.drain) --------------------------------------------------------
 

@@ -16,7 +16,6 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
-from kserve.errors import ModelNotReady
 
 from predictor import metrics
 from predictor.cancellation import cancel_on_disconnect
@@ -37,8 +36,6 @@ def error_response(error: BaseException) -> JSONResponse:
     if isinstance(error, UnknownModel):
         body = error_body(str(error), "invalid_request_error", "model", "model_not_found")
         return JSONResponse(body, status_code=404)
-    if isinstance(error, ModelNotReady):
-        return JSONResponse(error_body(str(error), "server_error", None, "model_not_ready"), 503)
     if isinstance(error, Unavailable):
         body = error_body(str(error), "server_overloaded", None, error.code)
         return JSONResponse(
@@ -79,7 +76,10 @@ def register_openai_routes(app: FastAPI, service: ChatService) -> None:
         try:
             chat = parse_request(body)
             service.check_model(chat.model)
-        except (InvalidRequest, UnknownModel, ModelNotReady) as exc:
+        except (InvalidRequest, UnknownModel) as exc:
+            return error_response(exc)
+        except Unavailable as exc:  # the model cannot serve: engine gone, or unloaded
+            metrics.count_request(service.model_name, exc)
             return error_response(exc)
         try:
             reservation = service.admit()

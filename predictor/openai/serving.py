@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from kserve.errors import ModelNotReady
 from pydantic import ValidationError
 
 from predictor.engine.scheduler import Reservation
@@ -100,8 +99,11 @@ class ChatService:
     def check_model(self, name: str) -> None:
         if name not in self.names:
             raise UnknownModel(name, self.names)
-        if not self.model.ready:  # unloaded through the repository API, or shutting down
-            raise ModelNotReady(self.model.name)
+        # Not readiness, which the drain turns off while admitted requests still run: the
+        # engine's admission (`admit`) refuses new ones then.
+        refusal = self.model.serving_refusal()
+        if refusal is not None:
+            raise refusal
 
     def admit(self) -> Reservation:
         """A place in the engine's queue for the request about to be decoded (or 503)."""

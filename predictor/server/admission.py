@@ -13,12 +13,13 @@ The door takes the request's place in the engine (`admit` returns it) so that a 
 pass faster than places are taken; the request path takes the place over
 (`QwenVLModel.take_reservation`, through a context variable `admit` sets in the context the
 request's task runs in), and it is released when the task ends if the request never reached
-the engine. gRPC requests, which have no door, take their place on the request path.
+the engine. gRPC calls take theirs at their own door (`predictor.server.grpc_door`).
 
 A refused request's body is read and thrown away before the connection closes (a close with
 unread bytes would reset the connection, and the client could lose the 503 with it). While
 the server drains, every response also closes its connection, so keep-alive clients
-reconnect to another replica (`predictor.server.drain`).
+reconnect to another replica; what the drain does to connections already open, and to the
+listener, is `predictor.server.rest_drain`'s.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, RequestResponseCy
 
 from predictor.errors import Unavailable
 from predictor.openai.protocol import error_body
-from predictor.server.http_limits import ClientLimits, LimitedHttpToolsProtocol
+from predictor.server.http_limits import ClientLimits
 from predictor.server.logs import REQUEST_ID_HEADER, request_id_from_headers, where
+from predictor.server.rest_drain import DrainingProtocol
 
 logger = logging.getLogger("predictor.requests")
 Scope = dict[str, Any]
@@ -98,8 +100,9 @@ class Door:
         )
 
 
-class DoorProtocol(LimitedHttpToolsProtocol):
-    """uvicorn's httptools protocol (with `predictor.server.http_limits`' limits) and the door.
+class DoorProtocol(DrainingProtocol):
+    """uvicorn's httptools protocol (with `predictor.server.http_limits`' limits and
+    `predictor.server.rest_drain`'s connection handling at the drain) and the door.
 
     uvicorn starts a request's ASGI task in `_start_asgi_task` once its headers are in (or,
     for a pipelined request, once the one before it is answered); the door sits there."""
@@ -150,6 +153,9 @@ class DoorProtocol(LimitedHttpToolsProtocol):
         else:
             self.transport.close()
 
+    def _answering(self) -> bool:
+        return self._close_after_body
+
     def on_message_complete(self) -> None:
         super().on_message_complete()
         if self._close_after_body:
@@ -164,5 +170,5 @@ def door_protocol(limits: ClientLimits, door: Door | None) -> type[DoorProtocol]
 
 def check_uvicorn() -> None:
     """Fail at start-up, not under load, if uvicorn no longer has the hook the door uses."""
-    if not hasattr(LimitedHttpToolsProtocol, "_start_asgi_task"):
+    if not hasattr(DrainingProtocol, "_start_asgi_task"):
         raise RuntimeError("this uvicorn has no HttpToolsProtocol._start_asgi_task (0.55+ has)")

@@ -1,4 +1,4 @@
-"""Graceful drain on SIGTERM or SIGINT: nothing accepted is lost.
+"""Graceful drain on SIGTERM or SIGINT: nothing accepted is lost, while clients keep sending.
 
 What KServe's ModelServer does by itself is not enough: uvicorn drains REST for up to a
 hard-coded 30 s and then cancels what is left (HTTP 500s), and only then does KServe unload
@@ -7,15 +7,22 @@ signal starts one sequence instead:
 
 1. Readiness goes false (`/v2/models/{name}/ready`, `/v2/health/ready`), so Kubernetes and the
    endpoint picker stop sending; liveness stays true, so the pod is not killed for it.
-2. New inference requests, REST, gRPC and OpenAI alike, get 503 with Retry-After
-   (`ShuttingDown`); responses carry `Connection: close`, so keep-alive clients reconnect
-   elsewhere instead of having their next request reset.
-3. Every request already accepted (decoding its images, queued or generating, streaming or
-   not) runs to completion, for up to `--drain_timeout_s`.
-4. Past that deadline the engine ends what is left with `ShuttingDown` (a clean 503 with
+2. The doors close: new inference requests, REST and OpenAI (`predictor.server.admission`)
+   and gRPC (`predictor.server.grpc_door`), get 503 with Retry-After / UNAVAILABLE before
+   their bodies are decoded (`ShuttingDown`).
+3. REST: every response from now on carries `Connection: close`, those of requests already in
+   progress included, and idle kept-alive connections close (`predictor.server.rest_drain`),
+   so clients reconnect, elsewhere behind a load balancer; the listener stays open, so a
+   request that still comes here gets its 503, not a refused or reset connection.
+4. gRPC: the server stops at once with a grace (`QuietGRPCServer.begin_drain`): HTTP/2 GOAWAY
+   on every connection, so channels reconnect elsewhere, and its listener closes; calls in
+   progress run on.
+5. Every request already accepted (holding its place: decoding its images, queued or
+   generating, streaming or not) runs to completion, for up to `--drain_timeout_s`.
+6. Past that deadline the engine ends what is left with `ShuttingDown` (a clean 503 with
    Retry-After, never a 500 or a reset).
-5. The REST and gRPC servers stop, then the engine (and its process) stops, and `main()`
-   returns.
+7. The REST listener closes last, once what its queue held is answered; then `main()` stops
+   the engine (and its process) and returns.
 
 A second signal during the drain does not cut it short: Kubernetes sends SIGKILL at the end of
 `terminationGracePeriodSeconds`, which the default `--drain_timeout_s` is sized to fit.
@@ -34,7 +41,8 @@ logger = logging.getLogger(__name__)
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 POLL_S = 0.05
 FLUSH_S = 0.5  # time for the 503s of requests ended at the deadline to go out
-GRPC_GRACE_S = 5.0  # in-flight RPCs are already answered by then; this bounds the stragglers
+GRPC_GRACE_S = 5.0  # past the drain's deadline: in-flight RPCs are answered by then
+SERVER_FINISH_S = 10.0  # for each server to stop once its requests are answered
 
 
 class Drainable(Protocol):
@@ -43,11 +51,17 @@ class Drainable(Protocol):
     def begin_drain(self) -> None: ...
     def busy(self) -> bool: ...
     def end_remaining(self) -> int: ...
-    def stop(self) -> None: ...
+
+
+class DrainableServer(Protocol):
+    """What the drain needs of a protocol server (`predictor.server.kserve_servers`)."""
+
+    def begin_drain(self, grace_s: float) -> None: ...
+    async def finish(self) -> None: ...
 
 
 class Drain:
-    """Owns the shutdown sequence of one ModelServer and its model."""
+    """Owns the shutdown sequence of one ModelServer's servers and its model."""
 
     def __init__(self, server: Any, model: Drainable, timeout_s: float):
         self.server = server  # kserve.ModelServer
@@ -82,9 +96,17 @@ class Drain:
         )
         self._task = asyncio.get_running_loop().create_task(self.run())
 
+    def servers(self) -> list[DrainableServer]:
+        """KServe's REST and gRPC servers, built by `ModelServer.start()` (gRPC when enabled)."""
+        found = (getattr(self.server, name, None) for name in ("_rest_server", "_grpc_server"))
+        return [s for s in found if s is not None and hasattr(s, "begin_drain")]
+
     async def run(self) -> None:
         started = time.monotonic()
-        self.model.begin_drain()
+        self.model.begin_drain()  # first: from here on the doors refuse
+        servers = self.servers()
+        for server in servers:
+            server.begin_drain(self.timeout_s + FLUSH_S + GRPC_GRACE_S)
         deadline = started + self.timeout_s
         while self.model.busy() and time.monotonic() < deadline:
             await asyncio.sleep(POLL_S)
@@ -98,15 +120,10 @@ class Drain:
             await asyncio.sleep(FLUSH_S)
         else:
             logger.info("drained in %.1f s", time.monotonic() - started)
-        await self._stop_servers()
-        self.model.stop()
-        logger.info("stopped")
-
-    async def _stop_servers(self) -> None:
-        # KServe's own objects: its uvicorn server and its grpc.aio server.
-        rest = getattr(getattr(self.server, "_rest_server", None), "_server", None)
-        if rest is not None:
-            rest.should_exit = True
-        grpc_server = getattr(getattr(self.server, "_grpc_server", None), "_server", None)
-        if grpc_server is not None:
-            await grpc_server.stop(grace=GRPC_GRACE_S)
+        # gRPC's listener closed at the signal; REST's closes last. Once both servers are
+        # done KServe's `asyncio.run` returns (ending this task) and `main()` stops the engine.
+        for server in reversed(servers):
+            try:
+                await asyncio.wait_for(server.finish(), SERVER_FINISH_S)
+            except TimeoutError:
+                logger.warning("%s did not stop in %g s", type(server).__name__, SERVER_FINISH_S)

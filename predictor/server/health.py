@@ -11,7 +11,14 @@ in the process can load it again. Here:
   not healthy; the model's own readiness route answers 404 once it is unloaded;
 - liveness (`/v2/health/live`, gRPC `ServerLive`) is the models' `alive` property: false once
   a model cannot come back (it was unloaded: `load` cannot build it again in this process),
-  so Kubernetes restarts the pod instead of keeping one that answers nothing.
+  so Kubernetes restarts the pod instead of keeping one that answers nothing;
+- the request path never loads a model: KServe's `DataPlane.get_model` calls `model.load()`
+  whenever a model is not ready, which during the drain (readiness false) loaded a second
+  copy of the weights for the next gRPC call, and after the engine process died built a new
+  one behind a liveness that said dead. Here a model that cannot serve is a 503 with
+  Retry-After (gRPC UNAVAILABLE) saying why; models load at start-up only. After the engine
+  process dies the policy is fail fast: not ready, not live, every request refused until
+  Kubernetes restarts the pod (docs/shutdown.md).
 """
 
 from __future__ import annotations
@@ -21,11 +28,12 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from kserve.errors import ModelNotFound, ModelNotReady
+from kserve.model import BaseKServeModel
 from kserve.model_repository import ModelRepository
 from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.model_repository_extension import ModelRepositoryExtension
 
-from predictor.errors import RepositoryDisabled
+from predictor.errors import ModelUnavailable, RepositoryDisabled, Unavailable
 
 logger = logging.getLogger(__name__)
 REPOSITORY_EXTENSION = "model_repository_extension"
@@ -41,6 +49,8 @@ class ServedModel(Protocol):
     def alive(self) -> bool: ...
 
     async def healthy(self) -> bool: ...
+
+    def serving_refusal(self) -> Unavailable | None: ...
 
 
 class HealthDataPlane(DataPlane):
@@ -72,6 +82,19 @@ class HealthDataPlane(DataPlane):
             if not await model.healthy():
                 return False
         return await super().ready()
+
+    async def get_model(self, name: str) -> BaseKServeModel:
+        """The model to serve a request: 404 if unknown, 503 + Retry-After if it cannot serve
+        now; never `model.load()` (KServe's loads a model that is not ready)."""
+        model = self.get_model_from_registry(name)
+        refusal = getattr(model, "serving_refusal", None)
+        if refusal is not None:
+            error = refusal()
+            if error is not None:
+                raise error
+        elif not await self._model_registry.is_model_ready(name):
+            raise ModelUnavailable(name, "is not ready")
+        return model
 
     def metadata(self) -> dict[str, Any]:
         metadata = super().metadata()

@@ -8,10 +8,14 @@ else of KServe's start-up (routes, signal handling, the model registry) stays KS
 - REST: uvicorn runs `predictor.server.admission`'s protocol (the door that answers 503 when the
   engine is full, and `predictor.server.http_limits`' header size limit, header and body deadlines),
   and KServe's logging exception handlers are replaced by quiet ones (`predictor.server.logs`);
-- gRPC: KServe's exception interceptor, which logs a traceback for every rejected call,
-  becomes one that logs a refusal as one WARNING line (a traceback only for INTERNAL), and a
-  cancelled call as one INFO line; the HTTP/2 handshake must finish within the header deadline.
-  Metadata size keeps grpcio's own limits (8 KiB soft, 16 KiB hard: RESOURCE_EXHAUSTED).
+- gRPC: the door (`predictor.server.grpc_door`) comes first among the interceptors; KServe's
+  exception interceptor, which logs a traceback for every rejected call, becomes one that
+  logs a refusal as one WARNING line (a traceback only for INTERNAL), and a cancelled call as
+  one INFO line; the HTTP/2 handshake must finish within the header deadline. Metadata size
+  keeps grpcio's own limits (8 KiB soft, 16 KiB hard: RESOURCE_EXHAUSTED).
+
+Both servers also take their part in the drain (`predictor.server.drain`): `begin_drain` at
+the signal, `finish` once the requests they accepted are answered.
 """
 
 from __future__ import annotations
@@ -41,14 +45,17 @@ from kserve.protocol.rest.server import RESTServer
 from timing_asgi import TimingMiddleware
 
 from predictor.server.admission import Door, check_uvicorn, door_protocol
+from predictor.server.grpc_door import GrpcDoor
 from predictor.server.grpc_model_config import model_config_handler
 from predictor.server.health import GuardedRepository, HealthDataPlane
 from predictor.server.http_limits import ClientLimits
 from predictor.server.logs import RequestLogMiddleware, install_quiet_exception_handlers, one_line
 from predictor.server.request_limits import request_bytes_limit
+from predictor.server.rest_drain import DrainingServer
 from predictor.settings import Settings
 
 logger = logging.getLogger(__name__)
+REST_EXIT_S = 5.0  # for the connections still open when the listener closes (1 s each at most)
 requests_logger = logging.getLogger("predictor.requests")  # one line per refused call
 
 # KServe's own mapping (kserve/protocol/grpc/interceptors.py), minus its logging.
@@ -111,6 +118,19 @@ class LimitedRESTServer(RESTServer):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.config.http = door_protocol(self.client_limits, self.door)
+        self._server = DrainingServer(self.config)
+
+    def begin_drain(self, grace_s: float) -> None:
+        """Connection: close on every response from now on; idle kept-alive ones close."""
+        self._server.begin_drain()
+
+    async def finish(self) -> None:
+        """Close the listener last (`predictor.server.rest_drain`) and wait for the exit."""
+        self._server.should_exit = True
+        try:
+            await asyncio.wait_for(self._server.exited.wait(), REST_EXIT_S)
+        except TimeoutError:
+            logger.warning("REST connections open %g s after the listener closed", REST_EXIT_S)
 
     def _add_exception_handlers(self, app: Any) -> None:
         super()._add_exception_handlers(app)
@@ -133,12 +153,15 @@ class QuietGRPCServer(GRPCServer):
     `ModelConfig` method)."""
 
     handshake_timeout_s = 10.0
+    door: GrpcDoor | None = None
+    _stopping: asyncio.Task | None = None  # the stop the drain began
 
     async def start(self, max_workers: int) -> None:
         servicer = InferenceServicer(self._data_plane, self._model_repository_extension)
+        door = () if self.door is None else (self.door,)
         self._server = aio.server(
             futures.ThreadPoolExecutor(max_workers=max_workers),
-            interceptors=(LoggingInterceptor(), QuietExceptionToStatusInterceptor()),
+            interceptors=(*door, LoggingInterceptor(), QuietExceptionToStatusInterceptor()),
             options=[
                 ("grpc.max_send_message_length", self._kwargs.get("grpc_max_send_message_length")),
                 (
@@ -157,13 +180,35 @@ class QuietGRPCServer(GRPCServer):
         await self._server.start()
         await self._server.wait_for_termination()
 
+    def begin_drain(self, grace_s: float) -> None:
+        """Stop the server now, letting the calls in progress finish for up to `grace_s`.
 
-def install(kserve_model_server: Any, limits: ClientLimits, door: Door | None = None) -> None:
-    """Make `kserve.model_server.ModelServer.start()` build these servers with `limits` (and
-    REST with `door`)."""
+        grpc.aio's `stop(grace)` is the one way to send HTTP/2 GOAWAY: it closes the listener
+        and tells every connection to go away, so clients' channels reconnect (elsewhere,
+        behind a load balancer) and their new calls never reach this process. A call that
+        reaches it in the instant it stops, before the event loop picked it up, is cancelled
+        by grpc itself, unprocessed (docs/shutdown.md: the known limit)."""
+        if self._server is not None and self._stopping is None:
+            self._stopping = asyncio.get_running_loop().create_task(self._server.stop(grace_s))
+
+    async def finish(self) -> None:
+        """Wait for the calls in progress to end (they did, if the drain is over)."""
+        if self._stopping is not None:
+            await asyncio.shield(self._stopping)
+
+
+def install(
+    kserve_model_server: Any,
+    limits: ClientLimits,
+    door: Door | None = None,
+    grpc_door: GrpcDoor | None = None,
+) -> None:
+    """Make `kserve.model_server.ModelServer.start()` build these servers with `limits` and
+    their doors."""
     check_uvicorn()
     LimitedRESTServer.client_limits = limits
     LimitedRESTServer.door = door
+    QuietGRPCServer.door = grpc_door
     QuietGRPCServer.handshake_timeout_s = limits.header_timeout_s
     kserve_model_server.RESTServer = LimitedRESTServer
     kserve_model_server.GRPCServer = QuietGRPCServer
@@ -182,6 +227,7 @@ def harden(server: Any, kserve_model_server: Any, model: Any, settings: Settings
         body_timeout_s=settings.http_body_timeout_s,
         max_body_bytes=request_bytes_limit(settings),
     )
-    install(kserve_model_server, limits, Door(model.admit, model.name, lambda: model.draining))
+    door = Door(model.admit, model.name, lambda: model.draining)
+    install(kserve_model_server, limits, door, GrpcDoor(model.admit, model.name))
     # Added last, so it runs first (the door's 503s never reach it: the door logs them).
     kserve_model_server.app.add_middleware(RequestLogMiddleware, model_name=model.name)

@@ -71,6 +71,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from predictor.openai.router import register_openai_routes
     from predictor.openai.serving import ChatService
     from predictor.server.drain import Drain
+    from predictor.server.fail_fast import FailFast
     from predictor.server.kserve_servers import harden
     from predictor.server.openapi import install_openapi
     from predictor.server.rest import register_config_routes, register_infer_routes
@@ -135,9 +136,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     # objects) lives as long as the process; frozen, the garbage collector's full passes,
     # which would otherwise walk all of them and stall a request for ~0.1 s, skip them.
     Drain(server, model, settings.drain_timeout_s).install(kserve_server.app)
+    FailFast(server, model).install(kserve_server.app)
     gc.collect()
     gc.freeze()
-    server.start([model])
+    try:
+        server.start([model])  # returns once the drain has stopped both servers
+    finally:
+        model.stop()  # the engine (and its process) last, with nothing left to serve
+        logger.info("stopped")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from typing import Any, TypeVar
 import orjson
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, ORJSONResponse
-from kserve.errors import ModelNotReady
 from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.infer_type import InferInput, InferRequest, RequestedOutput
 
@@ -189,8 +188,7 @@ def register_infer_routes(app: FastAPI, dataplane: DataPlane, max_body_bytes: in
             raise InvalidRequest(
                 "request body", f"is {declared} bytes, more than the limit of {max_body_bytes}"
             )
-        if not await dataplane.model_ready(model_name, True):
-            raise ModelNotReady(model_name)
+        await dataplane.get_model(model_name)  # 404 or 503 before the body is read; no load
         headers = dict(request.headers)
         # The whole body is read before the disconnect watcher starts reading ASGI messages.
         body = await request.body()
