@@ -135,10 +135,16 @@ class InProcessWorker:
     """
 
     def __init__(
-        self, model_dir: Path, picture: Path, tokens: int, cpu_threads: int, dtype: str = "auto"
+        self,
+        model_dir: Path,
+        picture: Path,
+        tokens: int,
+        cpu_threads: int,
+        dtype: str = "auto",
+        compiled: bool = True,
     ):
         command = [sys.executable, __file__, "--p1-worker", str(model_dir), str(picture)]
-        command += [str(tokens), str(cpu_threads), dtype]
+        command += [str(tokens), str(cpu_threads), dtype, str(compiled).lower()]
         self.process = subprocess.Popen(
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
         )
@@ -171,7 +177,9 @@ class InProcessWorker:
         self.process.wait(timeout=30)
 
 
-def p1_worker(model_dir: str, picture_path: str, tokens: str, cpu_threads: str, dtype: str) -> None:
+def p1_worker(
+    model_dir: str, picture_path: str, tokens: str, cpu_threads: str, dtype: str, compiled: str
+) -> None:
     """The loop behind `InProcessWorker` (`--p1-worker`): one line in, one line out."""
     from predictor.engine.generation import Generator
     from predictor.engine.loading import load_model
@@ -193,7 +201,8 @@ def p1_worker(model_dir: str, picture_path: str, tokens: str, cpu_threads: str, 
     decoded = prepare_image(picture, limits, "image", budget, factor)
     reference = Row.single(decoded, settings.default_prompt, sampling)
 
-    batch = RunningBatch(generator, max_rows=16, max_len=settings.max_model_len)
+    batch = RunningBatch(generator, 16, settings.max_model_len, compiled == "true")
+    batch.warm_up()  # as the server's engine does before ready
 
     def in_process() -> float:
         started = time.perf_counter()
@@ -250,6 +259,7 @@ def bench_p1(
     pairs: int,
     cpu_threads: int = 0,
     dtype: str = "auto",
+    compiled: bool = True,
 ) -> dict:
     """REST vs in-process latency for one request at a time: `pairs` interleaved pairs
     against each of `processes` fresh servers, each beside a fresh in-process worker; the
@@ -276,6 +286,7 @@ def bench_p1(
             pairs,
             cpu_threads,
             dtype,
+            compiled,
         )
     finally:
         os.sched_setaffinity(0, allowed)
@@ -328,6 +339,7 @@ def _p1_pairs(
     pairs: int,
     cpu_threads: int,
     dtype: str,
+    compiled: bool,
 ) -> tuple[list[float], list[float], list[float], list[float]]:
     """(REST ms, in-process ms, in-process decode ms, transformers' generate ms) runs."""
     rest_runs: list[float] = []
@@ -337,7 +349,7 @@ def _p1_pairs(
     for index in range(processes):
         with servers(index) as server:
             client = InferClient(server.infer_url)
-            worker = InProcessWorker(model_dir, picture_path, tokens, cpu_threads, dtype)
+            worker = InProcessWorker(model_dir, picture_path, tokens, cpu_threads, dtype, compiled)
 
             def rest(client: InferClient = client) -> None:
                 status, reply = client.post(payload)
@@ -822,11 +834,17 @@ def _spread(values: list[float]) -> dict[str, float]:
 # ---- CPU run ----------------------------------------------------------------------------
 
 
+# The server as shipped: the tests' servers run float32 and eager (tests/live_server.py), the
+# benchmark's run the defaults unless --server-arg says otherwise (a later flag wins).
+SERVER_DEFAULTS = ("--dtype", "auto", "--compile", "true")
+
+
 def cpu_run(args: argparse.Namespace) -> dict:
     from hack.make_tiny_model import make_tiny_model
     from tests.live_server import start_server
 
     runs = 5 if args.quick else 15
+    args.server_arg = [*SERVER_DEFAULTS, *args.server_arg]
     with tempfile.TemporaryDirectory(prefix="qwen-vl-bench-") as tmp:
         work = Path(tmp)
         model_dir = make_tiny_model(work / "tiny", "qwen3-vl")
@@ -851,6 +869,7 @@ def cpu_run(args: argparse.Namespace) -> dict:
                 pairs=4 if args.quick else 12,
                 cpu_threads=int(threads or 0),
                 dtype=_flag_value(args.server_arg, "--dtype") or "auto",
+                compiled=_engine_flags(args.server_arg).get("compile", True),
             )
             results["P2"] = bench_p2(
                 server, pictures, args.tokens, per_client=3, rounds=2 if args.quick else 5
@@ -872,6 +891,7 @@ def cpu_run(args: argparse.Namespace) -> dict:
             results["P2s_engine_alone"] = bench_engine_alone(
                 model_dir, captions, SHORT_CAPTION_TOKENS, per_client=6, rounds=3, flags=flags
             )
+        results["P8"] = bench_p8(work, tuple(args.server_arg), runs=3 if args.quick else 5)
         results["P3"] = bench_p3(model_dir, runs)  # a real Qwen3-VL's budget
         results["P3_tiny_budget"] = bench_p3(model_dir, runs, budget_pixels=262_144)
         results["overload"] = bench_overload(
@@ -957,20 +977,25 @@ def _engine_flags(argv: list[str]) -> dict:
     in-process figures run the model as the server does."""
     flags: dict = {}
     threads, dtype = _flag_value(argv, "--cpu_threads"), _flag_value(argv, "--dtype")
+    compiled = _flag_value(argv, "--compile")
     if threads:
         flags["cpu_threads"] = int(threads)
     if dtype:
         flags["dtype"] = dtype
+    if compiled:
+        flags["compile"] = compiled.lower() in ("1", "true", "yes", "on")
     return flags
 
 
 def _flag_value(argv: list[str], flag: str) -> str | None:
+    """The flag's last value in `argv` (the one argparse keeps), or None."""
+    value = None
     for index, item in enumerate(argv):
         if item == flag and index + 1 < len(argv):
-            return argv[index + 1]
-        if item.startswith(f"{flag}="):
-            return item.split("=", 1)[1]
-    return None
+            value = argv[index + 1]
+        elif item.startswith(f"{flag}="):
+            value = item.split("=", 1)[1]
+    return value
 
 
 def main() -> None:
@@ -996,7 +1021,7 @@ def main() -> None:
         help="instead: Triton's perf_analyzer (REST and gRPC) and aiperf (streaming chat), "
         "concurrency 1 and 8 (hack/client_bench.py)",
     )
-    parser.add_argument("--p1-worker", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--p1-worker", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.p1_worker:
         p1_worker(*args.p1_worker)

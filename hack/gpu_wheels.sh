@@ -18,8 +18,10 @@ BNB_CUDA="${BNB_CUDA:-130}"
 PACKAGES=(
   # the model stack, newer than the machine's
   transformers==5.24.0 huggingface-hub==1.33.0  # 2.x needs httpx2
+  # transformers 5.24 checks these at import; the machine's may be older (5.17 needed less)
+  tokenizers==0.23.3 safetensors==0.8.0 regex==2026.11.19
   # KServe's model server and what it imports
-  kserve==0.21.0 kubernetes==37.0.1 fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0
+  kserve==0.21.0 kubernetes==37.0.1 fastapi==0.165.0 starlette==1.10.0 uvicorn==0.55.0
   pydantic==2.14.4 pydantic-core==2.50.5 typing-inspection==0.4.5 annotated-types==0.8.0
   orjson==3.13.0 httptools==0.9.0 watchfiles==1.3.0 websockets==17.4 websocket-client==1.9.2
   oauthlib==4.0.1 requests-oauthlib==2.0.0 cloudevents==1.13.0 python-multipart==0.0.34
@@ -28,7 +30,7 @@ PACKAGES=(
   # the GPU tests
   pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1
   # 4-bit and 8-bit loading (--quantization)
-  bitsandbytes==0.50.2
+  bitsandbytes==0.50.2 accelerate==1.16.0  # transformers loads bitsandbytes layers through accelerate
 )
 mkdir -p "$WHEELS"
 echo "downloading wheels for CPython $PY_VERSION, manylinux x86_64, into $WHEELS"
