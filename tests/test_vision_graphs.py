@@ -15,6 +15,7 @@ from torch.utils._pytree import tree_flatten
 from predictor.engine import vision_graphs
 from predictor.engine.generation import Generator
 from predictor.engine.loading import LoadedModel
+from predictor.engine.running_batch import describe
 from predictor.engine.vision_graphs import VisionEncoder
 from predictor.inputs.images import fit_to_budget
 from predictor.params import SamplingParams
@@ -178,9 +179,9 @@ def test_generation_is_the_same_with_traced_and_eager_vision(generator: Generato
         images.gradient((128, 96)), generator.default_budget, generator.resize_factor
     )
     row = Row.single(picture, "Describe this image.", SamplingParams(max_new_tokens=8))
-    expected = generator.describe([row])[0].text
+    expected = describe(generator, [row])[0].text
     for _ in range(3):  # eager, then traced at the second sighting, then the graph
-        assert traced.describe([row])[0].text == expected
+        assert describe(traced, [row])[0].text == expected
         traced.vision.wait_for_traces()
     assert len(traced.vision.traced_grids) == 1
 
