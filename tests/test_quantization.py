@@ -1,5 +1,6 @@
-"""`--quantization 4bit|8bit` on a CPU: bitsandbytes layers through the same decoding step,
-served on the v2 route and the OpenAI route by the real server.
+"""`--quantization 4bit|8bit` on a CPU: bitsandbytes layers through the same decoding step
+(eager: compiling is skipped for them), served on the v2 route and the OpenAI route by the
+real server.
 
 The tiny model's random weights make no sense of any picture, so what is checked is that each
 mode loads as bitsandbytes layers, serves both routes with the requested token counts, and is
@@ -27,7 +28,8 @@ def server(
 ) -> Iterator[LiveServer]:
     pytest.importorskip("bitsandbytes")
     log = tmp_path_factory.mktemp(f"quant-{request.param}") / "server.log"
-    args = ("--quantization", request.param, "--generation_config", "none")
+    # --compile true as shipped: a quantized model's step must run eager instead (and say so).
+    args = ("--quantization", request.param, "--generation_config", "none", "--compile", "true")
     with start_server(tiny_qwen3_vl, log, *args) as live:
         yield live
 
@@ -35,6 +37,7 @@ def server(
 def test_the_model_is_quantized_on_the_cpu(server: LiveServer) -> None:
     assert "quantization 4bit" in server.log() or "quantization 8bit" in server.log()
     assert " on cpu " in server.log()
+    assert "4-bit/8-bit weights: the decoding step runs eager" in server.log()
 
 
 def test_v2_route_serves_the_quantized_model(server: LiveServer) -> None:

@@ -176,6 +176,11 @@ class RunningBatch:
         self.model = generator.model
         self.max_rows, self.max_len = max_rows, max_len
         self.buckets = batch_buckets(max_rows)
+        if compile_step and is_quantized(self.model):
+            # bitsandbytes' layers are custom kernels that dynamo breaks its graphs around
+            # (and CUDA graphs cannot capture across): the same step runs eager instead.
+            logger.info("4-bit/8-bit weights: the decoding step runs eager, not compiled")
+            compile_step = False
         self.decode = DecodeStep.of_model(self.model, max_rows, max_len, compile_step)
         self.members: list[_Member] = []
 
@@ -357,6 +362,13 @@ class RunningBatch:
                 self.decode.cache.move(len(self.members), index, last.length)
                 self.members[index] = last
         return finished
+
+
+def is_quantized(model: Any) -> bool:
+    """Whether transformers loaded the weights through bitsandbytes (`--quantization`)."""
+    return bool(
+        getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    )
 
 
 def _feed(members: Sequence[_Member], tokens: Sequence[int]) -> None:
