@@ -9,7 +9,13 @@ from predictor.rows import Row
 
 
 def reference_greedy(generator: Generator, row: Row) -> str:
-    """Plain transformers, the way its model cards show: chat template, processor, generate."""
+    """Plain transformers' greedy text for the row (see `reference_greedy_completion`)."""
+    return reference_greedy_completion(generator, row)[0]
+
+
+def reference_greedy_completion(generator: Generator, row: Row) -> tuple[str, int]:
+    """Plain transformers, the way its model cards show: chat template, processor, generate.
+    Its greedy text and how many tokens it generated (a stop token counts, as in ours)."""
     processor, model = generator.processor, generator.model
     messages = list(row.messages)
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -25,5 +31,6 @@ def reference_greedy(generator: Generator, row: Row) -> str:
         )
     new = output[0, inputs["input_ids"].shape[1] :].tolist()
     stops = generator.stop_token_ids
-    cut = next((i for i, t in enumerate(new) if t in stops), len(new))
-    return processor.tokenizer.decode(new[:cut], skip_special_tokens=True)
+    cut = next((i for i, t in enumerate(new) if t in stops), None)
+    text = processor.tokenizer.decode(new[:cut], skip_special_tokens=True)
+    return text, len(new) if cut is None else cut + 1

@@ -1,5 +1,6 @@
-"""docs/ and the kustomize READMEs: links that resolve, the overlay table against the overlays,
-transcripts that are what the commands print, and no unmarked shell block that needs a cluster.
+"""docs/deployment.md and the kustomize READMEs: the overlay table against the overlays,
+transcripts that are what the commands print, and no unmarked shell block that needs a cluster
+(their links are checked with every other page's, in tests/test_docs.py).
 
 A shell block directly below a `<!-- needs: cluster -->` line needs a cluster; every other
 ```sh block must run on a laptop (the repository's .venv, `bash hack/serve-tiny.sh` on
@@ -23,7 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = sorted([*(ROOT / "docs").glob("*.md"), *(ROOT / "kustomize").rglob("README.md")])
 DEPLOYMENT = ROOT / "docs" / "deployment.md"
 NEEDS_CLUSTER = "<!-- needs: cluster -->"
-LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 FENCE = re.compile(r"^```(\w*)\s*$")
 
 
@@ -50,40 +50,12 @@ def blocks(text: str) -> list[Block]:
     return found
 
 
-def slug(heading: str) -> str:
-    """GitHub's anchor for a heading."""
-    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
-    return text.replace(" ", "-")
-
-
-def prose(text: str) -> str:
-    """The text outside fenced blocks (links inside code are not links)."""
-    return re.sub(r"^```.*?^```", "", text, flags=re.MULTILINE | re.DOTALL)
-
-
 def test_docs_exist() -> None:
     assert DEPLOYMENT in DOCS
 
 
-def anchors(doc: Path) -> set[str]:
-    return {slug(m) for m in re.findall(r"^#+ (.+)$", prose(doc.read_text()), re.MULTILINE)}
-
-
 def doc_id(doc: Path) -> str:
     return str(doc.relative_to(ROOT))
-
-
-@pytest.mark.parametrize("doc", DOCS, ids=doc_id)
-def test_every_relative_link_resolves(doc: Path) -> None:
-    broken = []
-    for target in LINK.findall(prose(doc.read_text())):
-        if re.match(r"^[a-z]+:", target):
-            continue
-        path, _, fragment = target.partition("#")
-        linked = (doc.parent / path).resolve() if path else doc
-        if not linked.is_file() or (fragment and fragment not in anchors(linked)):
-            broken.append(target)
-    assert not broken, f"{doc_id(doc)}: links to nothing: {broken}"
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=doc_id)

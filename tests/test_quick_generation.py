@@ -10,7 +10,6 @@ broken dependency fails the fast layer too.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from predictor.engine.generation import Generator
 from predictor.engine.loading import load_model
@@ -21,26 +20,7 @@ from predictor.rows import Row
 from predictor.settings import Settings
 from tests import images
 from tests.conftest import TINY_MODEL_FIXTURES
-
-
-def generate_greedy(generator: Generator, row: Row) -> tuple[str, int]:
-    """Plain `generate`'s greedy text for the row and its token count (a stop token counts)."""
-    processor = generator.processor
-    text = processor.apply_chat_template(list(row.messages), add_generation_prompt=True)
-    inputs = processor(text=[text], images=list(row.images), return_tensors="pt")
-    with torch.inference_mode():
-        # Every value said: generate would take the rest from the checkpoint's
-        # generation_config.json (Qwen2.5-VL's repetition_penalty 1.05).
-        output = generator.model.generate(
-            **inputs,
-            max_new_tokens=row.sampling.max_new_tokens,
-            do_sample=False,
-            repetition_penalty=row.sampling.repetition_penalty,
-        )
-    new = output[0, inputs["input_ids"].shape[1] :].tolist()
-    stop = next((i for i, t in enumerate(new) if t in generator.stop_token_ids), None)
-    text = generator.decode(new if stop is None else new[:stop])
-    return text, len(new) if stop is None else stop + 1
+from tests.reference import reference_greedy_completion
 
 
 @pytest.mark.parametrize("family", ["qwen3-vl", "qwen2.5-vl"])
@@ -65,4 +45,4 @@ def test_rows_joining_a_running_batch_generate_what_generate_does(
     while len(batch):
         finished.update(batch.step())
     got = [(finished[i].text, finished[i].generated_tokens) for i in (0, 1)]
-    assert got == [generate_greedy(generator, row) for row in rows]
+    assert got == [reference_greedy_completion(generator, row) for row in rows]

@@ -79,9 +79,6 @@ class SlotCache:
                 torch._dynamo.mark_static_address(tensor)
         self.slots, self.max_len = slots, max_len
 
-    def bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
-
     def fill(self, slot: int, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """A prefilled row's keys and values (`[kv_heads, length, head_dim]`) into its slot."""
         length = keys.shape[1]
