@@ -522,7 +522,7 @@ def bench_engine_alone(
         return clients * per_client / (time.perf_counter() - started)
 
     try:
-        asyncio.run(closed_loop(16))  # warm up (vision graphs are already traced)
+        asyncio.run(closed_loop(16))  # warm up
         ratios, rates_1, rates_16 = [], [], []
         for _ in range(rounds):
             rates_1.append(asyncio.run(closed_loop(1)))

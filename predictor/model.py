@@ -132,9 +132,7 @@ class QwenVLModel(Model):
             return self._load_engine_process(started)
         configure_compile_cache(self.settings.compile_cache_dir if self.settings.compile else None)
         loaded = load_model(self.settings)
-        self.generator = Generator(
-            loaded.model, loaded.processor, trace_vision=self.settings.trace_vision
-        )
+        self.generator = Generator(loaded.model, loaded.processor)
         self.preprocessor = self.generator
         self.limits = self._request_limits(
             self.generator.default_budget, self.generator.checkpoint_sampling

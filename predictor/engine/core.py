@@ -125,7 +125,7 @@ class Core:
         forwarded = _forward_metrics()
         configure_compile_cache(settings.compile_cache_dir if settings.compile else None)
         loaded = load_model(settings)
-        generator = Generator(loaded.model, loaded.processor, trace_vision=settings.trace_vision)
+        generator = Generator(loaded.model, loaded.processor)
         config = EngineConfig.from_settings(settings)
         engine = Engine(generator, settings.model_name, config, warm_up=settings.warmup)
         core = cls(engine, generator, connection, arena)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from predictor.engine.vision_graphs import VisionEncoder
+from predictor.engine.vision import VisionEncoder
 from predictor.inputs.preprocessing import Preprocessor
 from predictor.params import PixelBudget
 from predictor.protocol import Completion
@@ -107,9 +107,9 @@ class _RowState:
 class Generator:
     """Owns the model and processor; turns rows into completions."""
 
-    def __init__(self, model: Any, processor: Any, trace_vision: bool = True):
+    def __init__(self, model: Any, processor: Any):
         self.model = model
-        self.vision = VisionEncoder(model, trace=trace_vision)  # see predictor.engine.vision_graphs
+        self.vision = VisionEncoder(model)  # see predictor.engine.vision
         self.preprocessor = Preprocessor(processor)  # the processor's CPU work
         self.processor = processor
         self.tokenizer = self.preprocessor.tokenizer
