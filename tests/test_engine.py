@@ -399,6 +399,50 @@ def test_out_of_memory_while_decoding_fails_the_newest_rows_and_the_rest_go_on(
     assert [r[0] for r in results[:2]] == [describe(generator, [row])[0] for row in rows[:2]]
 
 
+class NaNInOneRowOnce(RecordingBatch):
+    """The second running row's logits hold a NaN in the third step, once (a poisoned row:
+    an overflow in its activations)."""
+
+    def step(self):
+        if len(self.steps) == 2 and not getattr(self, "poisoned", False):
+            self.poisoned = True
+            decode = self.decode
+            batch = self
+
+            class Poisoned:
+                def __getattr__(self, name):
+                    return getattr(decode, name)
+
+                def __call__(self, *args, **kwargs):
+                    batch.decode = decode  # once
+                    logits = decode(*args, **kwargs).clone()
+                    logits[1, 7] = float("nan")
+                    return logits
+
+            self.decode = Poisoned()
+        return super().step()
+
+
+def test_a_row_whose_logits_hold_nan_fails_alone_and_the_others_go_on(generator) -> None:
+    engine, batches = continuous_engine(
+        generator, NaNInOneRowOnce, max_batch_size=8, batch_wait_ms=200
+    )
+    rows = make_rows(generator, 4, 8)
+
+    async def scenario():
+        return await asyncio.gather(*(engine.submit([row]) for row in rows), return_exceptions=True)
+
+    try:
+        results = asyncio.run(scenario())
+    finally:
+        engine.stop()
+    assert batches[0].steps[:4] == [4, 4, 4, 3]  # the poisoned row left at the third step
+    assert [isinstance(r, RuntimeError) for r in results] == [False, True, False, False]
+    assert "NaN" in str(results[1])
+    survivors = [r[0] for i, r in enumerate(results) if i != 1]
+    assert survivors == [describe(generator, [row])[0] for i, row in enumerate(rows) if i != 1]
+
+
 @pytest.mark.parametrize(("ratio", "wait_steps"), [(0.0, 0), (0.5, 3)])
 def test_a_lone_waiting_row_joins_a_busy_batch_at_once_or_after_its_wait(
     generator, ratio: float, wait_steps: int

@@ -392,6 +392,7 @@ class Engine:
                 [s.row for s in rows], rows, [s.request.should_stop for s in rows]
             )
             self._first_token(rows)
+            self._fail_broken(batch)
             return finished
 
         live = self._live(slots)
@@ -419,7 +420,16 @@ class Engine:
             for slot in evicted:
                 self._settle(slot, error=RuntimeError("out of device memory while decoding"))
             return
+        self._fail_broken(batch)
         self._finished(finished)
+
+    def _fail_broken(self, batch: RunningBatch) -> None:
+        """Rows whose logits held a NaN left the batch: each fails alone, the others go on."""
+        failed = batch.take_failed()
+        if failed:
+            logger.warning("%d rows produced NaN logits; they fail, the batch goes on", len(failed))
+        for slot in failed:
+            self._settle(slot, error=RuntimeError("generation failed: the model produced NaN"))
 
     def _live(self, slots: list[_Slot]) -> list[_Slot]:
         live = [s for s in slots if not s.request.should_stop()]
