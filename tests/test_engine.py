@@ -21,7 +21,7 @@ from predictor.engine.generation import Generator
 from predictor.engine.loading import load_model
 from predictor.engine.running_batch import RunningBatch, describe
 from predictor.engine.scheduler import Engine, EngineConfig
-from predictor.errors import DeadlineExceeded, QueueFull
+from predictor.errors import DeadlineExceeded, OutOfDeviceMemory, QueueFull, Unavailable
 from predictor.inputs.images import fit_to_budget
 from predictor.params import SamplingParams
 from predictor.protocol import Completion
@@ -494,3 +494,31 @@ def test_a_lone_waiting_row_joins_a_busy_batch_at_once_or_after_its_wait(
     waited = admitted_at[1] - queued_at[-1]
     assert wait_steps <= waited <= wait_steps + 1
     assert joined == describe(generator, [short])[0]
+
+
+def test_out_of_memory_in_the_vision_encoder_is_a_retryable_unavailable(
+    generator, monkeypatch
+) -> None:
+    """The encoder's OOM is the same 503-with-Retry-After as the decoder's, on the row's
+    thread (encoded ahead) and inside the engine (encoded at prefill), and the engine goes
+    on serving."""
+
+    def full(*args, **kwargs):
+        raise torch.OutOfMemoryError("injected: CUDA out of memory")
+
+    row = make_rows(generator, 1, 4)[0]
+    with monkeypatch.context() as patch:
+        patch.setattr(generator.vision, "_encode", full)
+        with pytest.raises(OutOfDeviceMemory) as raised:
+            generator.encode(row)
+        assert isinstance(raised.value, Unavailable) and raised.value.retry_after_s > 0
+        engine, _ = continuous_engine(generator, max_batch_size=4)
+        try:
+            with pytest.raises(OutOfDeviceMemory):
+                asyncio.run(engine.submit([row]))
+        finally:
+            patch.undo()
+        try:
+            assert asyncio.run(engine.submit([row]))[0] == describe(generator, [row])[0]
+        finally:
+            engine.stop()
