@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -127,17 +126,31 @@ def peak_rss_worker(checkpoint: str, quantization: str, threads: int) -> None:
     picture = Image.new("RGB", (448, 448), (90, 120, 60))
     row = Row.single(picture, "Describe this image.", SamplingParams(max_new_tokens=4))
     describe(generator, [row], max_len=RSS_MAX_LEN)
-    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"peak_rss_mb": _high_water_mb(), "rss_mb": _status_mb("VmRSS")}))
 
 
-def peak_rss_mb(checkpoint: Path, quantization: str, threads: int) -> float:
+def _high_water_mb() -> float:
+    """This process's peak resident memory (VmHWM). Not `getrusage`'s ru_maxrss: Linux keeps
+    that across exec, so a worker started by a process holding a model reports the parent's."""
+    return _status_mb("VmHWM")
+
+
+def _status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def memory_mb(checkpoint: Path, quantization: str, threads: int) -> dict:
+    """{"peak_rss_mb", "rss_mb"} of a worker process: its peak, and its RSS after decoding."""
     done = subprocess.run(
         [sys.executable, __file__, "--rss-worker", str(checkpoint), quantization, str(threads)],
         check=True,
         capture_output=True,
         text=True,
     )
-    return json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def run(shape: str = "qwen3-vl-2b", threads: int = 1) -> dict:
@@ -165,12 +178,20 @@ def run(shape: str = "qwen3-vl-2b", threads: int = 1) -> dict:
             f"{shape}: 16-row step {figures['step_ms_16']:.0f} ms: decode tokens/s 16 rows / 1 "
             f"{scaling:.1f}  {verdict('rows_16_over_1', scaling)}"
         )
-        bf16 = peak_rss_mb(checkpoint, "none", threads)
-        four = peak_rss_mb(checkpoint, "4bit", threads)
-        figures.update(rss_bf16_mb=bf16, rss_4bit_mb=four, rss_4bit_over_bf16=four / bf16)
+        bf16 = memory_mb(checkpoint, "none", threads)
+        four = memory_mb(checkpoint, "4bit", threads)
+        ratio = four["peak_rss_mb"] / bf16["peak_rss_mb"]
+        figures.update(
+            rss_bf16_mb=bf16["peak_rss_mb"],
+            rss_4bit_mb=four["peak_rss_mb"],
+            rss_4bit_over_bf16=ratio,
+            rss_after_load_bf16_mb=bf16["rss_mb"],
+            rss_after_load_4bit_mb=four["rss_mb"],
+        )
         print(
-            f"{shape}: peak RSS 4-bit {four:.0f} MB / bf16 {bf16:.0f} MB: "
-            f"{four / bf16:.2f}  {verdict('rss_4bit_over_bf16', four / bf16)}"
+            f"{shape}: peak RSS 4-bit {four['peak_rss_mb']:.0f} MB / bf16 "
+            f"{bf16['peak_rss_mb']:.0f} MB: {ratio:.2f}  {verdict('rss_4bit_over_bf16', ratio)}"
+            f"; after loading and decoding: {four['rss_mb']:.0f} MB / {bf16['rss_mb']:.0f} MB"
         )
     return figures
 
