@@ -43,6 +43,17 @@ IMAGE_DECODE_SECONDS = Histogram(
     LABELS,
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
+INPUT_CACHE_HITS = Counter(
+    f"{PREFIX}_input_cache_hits",
+    "Images found in the input cache (same bytes, same pixel budget): not decoded or "
+    "processed again.",
+    LABELS,
+)
+INPUT_CACHE_MISSES = Counter(
+    f"{PREFIX}_input_cache_misses",
+    "Images looked up in the input cache and not found (decoded and processed, then kept).",
+    LABELS,
+)
 
 # Load of the generation engine, for an endpoint picker and an autoscaler.
 REQUESTS_WAITING = Gauge(
@@ -92,6 +103,8 @@ def touch(model_name: str) -> None:
         PROMPT_TOKENS,
         GENERATION_SECONDS,
         IMAGE_DECODE_SECONDS,
+        INPUT_CACHE_HITS,
+        INPUT_CACHE_MISSES,
         REQUESTS_WAITING,
         REQUESTS_RUNNING,
         UTILIZATION,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from typing import Any
@@ -35,7 +35,8 @@ from predictor.errors import (
     Unavailable,
 )
 from predictor.inputs.image_workers import ImageWorkers
-from predictor.inputs.images import ImageLimits, prepare_image
+from predictor.inputs.images import ImageLimits
+from predictor.inputs.input_cache import MIB, InputCache
 from predictor.inputs.preprocessing import Preprocessor
 from predictor.params import PixelBudget, RequestLimits, sampling_defaults
 from predictor.protocol import (
@@ -104,6 +105,7 @@ class QwenVLModel(Model):
         )
         self.generator: Generator | None = None  # in-process layout only
         self.preprocessor: Generator | Preprocessor | None = None  # encodes rows for the engine
+        self.inputs: Preprocessor | None = None  # images to patches, conversations to tokens
         self.engine: Engine | RemoteEngine | None = None
         self.engine_failed: str | None = None  # why the engine process died, if it did
         # Called with that reason when it dies, on the engine's reader thread.
@@ -136,6 +138,9 @@ class QwenVLModel(Model):
             loaded.model, loaded.processor, trace_vision=self.settings.trace_vision
         )
         self.preprocessor = self.generator
+        self.inputs = self.generator.preprocessor
+        self.inputs.cache = InputCache(self.settings.input_cache_mb * MIB)
+        self.inputs.pixel_dtype = loaded.model.dtype  # what the vision encoder casts to
         self.limits = self._request_limits(
             self.generator.default_budget, self.generator.checkpoint_sampling
         )
@@ -157,7 +162,9 @@ class QwenVLModel(Model):
         # parallel across requests; intra-op threads on top of that oversubscribed the cores
         # (6 request threads x 2 OpenMP threads on 2 cores made the processor 4x slower).
         torch.set_num_threads(1)
-        self.preprocessor = Preprocessor(load_processor(self.settings))
+        self.preprocessor = self.inputs = Preprocessor(
+            load_processor(self.settings), self.settings.input_cache_mb * MIB
+        )
         self.limits = self._request_limits(
             self.preprocessor.default_budget, load_checkpoint_sampling(self.settings)
         )
@@ -169,6 +176,7 @@ class QwenVLModel(Model):
         except StartupError:
             engine.stop()
             raise
+        self.inputs.pixel_dtype = engine.pixel_dtype
         self.ready = True
         self.loaded_at = time.time()
         logger.info("model %s ready in %d ms", self.name, _ms(started))
@@ -323,19 +331,41 @@ class QwenVLModel(Model):
 
     def _decode_rows(self, parsed: ParsedRequest) -> list[Row]:
         """Decode, resize and encode every image of a request (runs on a worker thread)."""
-        generator = self.preprocessor
-        assert generator is not None
         rows = []
         for index, (data, prompt) in enumerate(zip(parsed.images, parsed.prompts, strict=True)):
-            field = f"image[{index}]"
-            image = prepare_image(
-                data, self.image_limits, field, parsed.budget, generator.resize_factor
-            )
-            row = Row.single(image, prompt, parsed.sampling)
-            row = replace(row, inputs=generator.encode(row))
-            check_fits(row, self.settings.max_model_len, "max_new_tokens")
-            rows.append(row)
+            content = [{"type": "image"}, {"type": "text", "text": prompt}]
+            row = Row((), ({"role": "user", "content": content},), parsed.sampling)
+            fields = (f"image[{index}]",)
+            rows.append(self.encode_row(row, (data,), fields, parsed.budget, "max_new_tokens"))
         return rows
+
+    def encode_row(
+        self,
+        row: Row,
+        images: Sequence[bytes],
+        fields: Sequence[str],
+        budget: PixelBudget,
+        length_field: str,
+    ) -> Row:
+        """A row (its conversation and sampling, no images) with its model inputs: each image
+        decoded and patched, or found in the input cache, then the conversation's tokens;
+        refused (400, naming `length_field`) if it cannot fit a batch slot. Every route's
+        rows come through here, on an image worker thread."""
+        inputs = self.inputs
+        assert inputs is not None, "encode_row before load"
+        processed = []
+        for data, field in zip(images, fields, strict=True):
+            image, hit = inputs.image(data, self.image_limits, field, budget)
+            if inputs.cache.enabled:
+                (metrics.INPUT_CACHE_HITS if hit else metrics.INPUT_CACHE_MISSES).labels(
+                    self.name
+                ).inc()
+            processed.append(image)
+        row = replace(row, inputs=inputs.encode_processed(row, processed))
+        if self.generator is not None:  # one process: the vision encoder runs here too
+            row = replace(row, inputs=self.generator.encode_images(row.inputs))
+        check_fits(row, self.settings.max_model_len, length_field)
+        return row
 
     async def predict(
         self,

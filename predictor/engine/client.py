@@ -127,6 +127,11 @@ class RemoteEngine:
         self._reader.start()
         logger.info("engine process %d ready (%s)", self.process.pid, self.info)
 
+    @property
+    def pixel_dtype(self) -> torch.dtype:
+        """The dtype the core's vision encoder takes pixel patches in (known once ready)."""
+        return self._pixel_dtype or torch.float32
+
     # ---- admission (what Engine offers the request path) ------------------------------
 
     def reserve(self) -> Reservation:
