@@ -57,16 +57,23 @@ INPUT_CACHE_MISSES = Counter(
 
 # Load of the generation engine, for an endpoint picker and an autoscaler.
 REQUESTS_WAITING = Gauge(
-    f"{PREFIX}_num_requests_waiting", "Requests queued, not yet generating.", LABELS
+    f"{PREFIX}_num_requests_waiting",
+    "Requests queued, not yet generating.",
+    LABELS,
+    multiprocess_mode="livemax",
 )
 REQUESTS_RUNNING = Gauge(
-    f"{PREFIX}_num_requests_running", "Requests whose images are generating now.", LABELS
+    f"{PREFIX}_num_requests_running",
+    "Requests whose images are generating now.",
+    LABELS,
+    multiprocess_mode="livemax",
 )
 UTILIZATION = Gauge(
     f"{PREFIX}_utilization",
     "Share of the engine's capacity in use, 0 to 1: (running + waiting rows) / max batch size, "
     "capped at 1. Endpoint pickers use it in place of KV-cache usage.",
     LABELS,
+    multiprocess_mode="livemax",  # with several fronts only the engine core sets these
 )
 REJECTED = Counter(
     f"{PREFIX}_requests_rejected",

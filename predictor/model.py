@@ -21,7 +21,7 @@ from kserve.model import InferenceVerb
 from kserve.protocol.infer_type import InferRequest, InferResponse
 
 from predictor import metrics
-from predictor.engine.client import RemoteEngine
+from predictor.engine.client import FrontLink, RemoteEngine
 from predictor.engine.decode_step import configure_compile_cache
 from predictor.engine.generation import Generator
 from predictor.engine.loading import load_checkpoint_sampling, load_model, load_processor
@@ -97,9 +97,14 @@ def _ms(start: float) -> int:
 class QwenVLModel(Model):
     """Describes images with a Qwen-VL checkpoint over the Open Inference Protocol v2."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, fronts: int = 1, link: FrontLink | None = None):
         super().__init__(settings.model_name)
         self.settings = settings
+        self.fronts = fronts  # front processes in front of the engine core (--workers)
+        self.link = link  # set: another front started the core; this one attaches to it
+        # Called with the engine (before it is ready) by the front that starts the core
+        # (`predictor.server.fronts` starts the other fronts there).
+        self.on_engine_started: Callable[[RemoteEngine], None] | None = None
         self.image_limits = ImageLimits(
             max_bytes=settings.max_image_bytes, max_decoded_pixels=settings.max_decoded_pixels
         )
@@ -168,10 +173,12 @@ class QwenVLModel(Model):
         self.limits = self._request_limits(
             self.preprocessor.default_budget, load_checkpoint_sampling(self.settings)
         )
-        engine = RemoteEngine(self.settings, self.name)
+        engine = RemoteEngine(self.settings, self.name, self.fronts, self.link)
         engine.on_death = self._engine_died
         self.engine = engine
         try:
+            if self.on_engine_started is not None:
+                self.on_engine_started(engine)
             engine.wait_ready()
         except StartupError:
             engine.stop()
@@ -181,6 +188,13 @@ class QwenVLModel(Model):
         self.loaded_at = time.time()
         logger.info("model %s ready in %d ms", self.name, _ms(started))
         return self.ready
+
+    def fail(self, detail: str) -> None:
+        """Something this process cannot serve without is gone for good (another front's
+        process died): as when the engine dies, not live, not ready, 503 for every request,
+        so Kubernetes restarts the pod."""
+        logger.error("%s: the pod can no longer serve as configured", detail)
+        self._engine_died(detail)
 
     def _engine_died(self, detail: str) -> None:
         """The engine process is gone and will not come back: stop saying ready or live, and
