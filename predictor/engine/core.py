@@ -229,9 +229,8 @@ class Core:
             client.closed = True
             held = list(client.requests.values())
             client.requests.clear()
-        logger.warning(
-            "front %d closed its end; its %d requests are dropped", client.index, len(held)
-        )
+        log = logger.warning if held else logger.info
+        log("front %d closed its end; its %d requests are dropped", client.index, len(held))
         for request in held:
             self.engine.abandon(request)
 
