@@ -26,18 +26,17 @@ _FRONT_0_LINE = re.compile(r"predictor\.model: request \S+: 1 images")
 
 
 def _listens(process: psutil.Process) -> bool:
-    return any(c.status == psutil.CONN_LISTEN for c in process.net_connections())
+    connections = getattr(process, "net_connections", None) or process.connections
+    return any(c.status == psutil.CONN_LISTEN for c in connections())
 
 
 def wait_serving(server: LiveServer, timeout_s: float = 120) -> None:
     """Until front 1 listens too (front 0 is ready before it: the pod serves from then)."""
     deadline = time.monotonic() + timeout_s
-    while (
-        "[front 1]" not in server.log()
-        or "Uvicorn running" not in server.log().split("[front 1]", 1)[-1]
-    ):
+    while "[front 1]: Starting gRPC server" not in server.log():
         assert time.monotonic() < deadline, server.log()[-3000:]
         time.sleep(0.2)
+    time.sleep(0.5)  # its REST socket is listening by then; its app's startup follows
 
 
 def samples(server: LiveServer) -> dict[tuple[str, str], float]:
