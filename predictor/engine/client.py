@@ -50,6 +50,7 @@ from predictor.errors import (
     StartupError,
     Unavailable,
 )
+from predictor.inputs.image_workers import name_this_thread
 from predictor.protocol import Completion
 from predictor.rows import EncodedRow, Row
 from predictor.settings import Settings
@@ -307,6 +308,7 @@ class RemoteEngine:
     # ---- the reader thread ------------------------------------------------------------
 
     def _read(self) -> None:
+        name_this_thread("qwen-vl-reader")
         while True:
             try:
                 message = self._connection.recv()
