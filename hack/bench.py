@@ -880,6 +880,8 @@ def _front_stages(model_dir: Path, picture: bytes, runs: int = 40) -> dict[str, 
     from predictor.server.rest import parse_rest_request
     from predictor.settings import Settings
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the front (predictor.model): no OpenMP spin in the figures
     settings = Settings(model_dir=str(model_dir))
     inputs = Preprocessor(load_processor(settings))
     inputs.pixel_dtype = torch.bfloat16
@@ -921,6 +923,7 @@ def _front_stages(model_dir: Path, picture: bytes, runs: int = 40) -> dict[str, 
         for _ in range(runs):
             step()
         costs[name] = (time.thread_time() - started) / runs * 1000
+    torch.set_num_threads(threads)
     return costs
 
 
@@ -1028,6 +1031,7 @@ def bench_input_cache(model_dir: Path, runs: int = 5, budget_pixels: int = 1_003
     from predictor.params import PixelBudget
     from predictor.settings import Settings
 
+    torch.set_num_threads(1)  # as in the front
     inputs = Preprocessor(load_processor(Settings(model_dir=str(model_dir))), 512 * 1024 * 1024)
     inputs.pixel_dtype = torch.bfloat16
     picture = jpeg_bytes(photo(4000, 3000, seed=3))
