@@ -908,7 +908,7 @@ def _front_stages(model_dir: Path, picture: bytes, runs: int = 40) -> dict[str, 
     steps = {
         "JSON body to InferRequest": lambda: parse_rest_request(body, None, "qwen-vl"),
         "base64": lambda: decode_base64(text, "image"),
-        "cache key (BLAKE2b)": lambda: cache_key(picture, budget, torch.bfloat16),
+        "cache key (SHA-256)": lambda: cache_key(picture, budget, torch.bfloat16),
         "JPEG decode (+ resize)": lambda: prepare_image(
             picture, limits, "image", budget, inputs.resize_factor
         ),
