@@ -50,7 +50,6 @@ from typing import Any
 
 import torch.multiprocessing as torch_mp
 
-from predictor.engine import core as engine_core
 from predictor.engine.client import FrontLink
 
 logger = logging.getLogger(__name__)
@@ -117,8 +116,9 @@ def register_metrics_route(app: Any) -> None:
 class Fronts:
     """The fronts other than the first, started and watched by front 0."""
 
-    def __init__(self, argv: Sequence[str]):
+    def __init__(self, argv: Sequence[str], target: Callable[[Sequence[str], FrontLink], None]):
         self.argv = list(argv)
+        self.target = target  # what each other front runs (`predictor.server.main.run_front`)
         self.processes: list[Any] = []
         self.stopping = False
         self.on_death: Callable[[str], None] | None = None
@@ -127,7 +127,7 @@ class Fronts:
         context = torch_mp.get_context("spawn")
         for link in links:
             process = context.Process(
-                target=run_front,
+                target=self.target,
                 args=(self.argv, link),
                 name=f"qwen-vl-front-{link.index}",
                 daemon=False,
@@ -173,11 +173,3 @@ class Fronts:
                 logger.warning("front process %d did not exit; killed", process.pid)
                 process.kill()
                 process.join(5)
-
-
-def run_front(argv: Sequence[str], link: FrontLink) -> None:
-    """A front other than the first: the same server, attached to front 0's engine core."""
-    engine_core._exit_with_parent()  # no front outlives the first (nor the core it started)
-    from predictor.server.main import main
-
-    main(argv, link=link)

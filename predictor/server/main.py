@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None, link: FrontLink | None = None) -> No
     model = QwenVLModel(settings, fronts=args.workers, link=link)
     others = None  # the other fronts, when this is front 0 of several
     if args.workers > 1 and link is None:
-        others = fronts.Fronts(sys.argv[1:] if argv is None else argv)
+        others = fronts.Fronts(sys.argv[1:] if argv is None else argv, run_front)
         others.on_death = model.fail
 
         def start_other_fronts(engine: Any) -> None:
@@ -183,6 +183,15 @@ def main(argv: Sequence[str] | None = None, link: FrontLink | None = None) -> No
         if link is None:
             fronts.remove_metrics_dir()
         logger.info("stopped")
+
+
+def run_front(argv: Sequence[str], link: FrontLink) -> None:
+    """A front other than the first (`predictor.server.fronts`): the same server, attached
+    to front 0's engine core."""
+    from predictor.engine import core as engine_core
+
+    engine_core._exit_with_parent()  # no front outlives the first (nor the core it started)
+    main(argv, link=link)
 
 
 if __name__ == "__main__":
