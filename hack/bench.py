@@ -882,6 +882,231 @@ def _spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(ordered), "p99": ordered[rank], "max": ordered[-1]}
 
 
+# ---- the front's CPU per request, and the input cache ------------------------------------
+
+FRONT_CPU_GOAL_MS = 4.0
+FRONT_JPEG_QUALITY = 96  # a 448x448 photo-like JPEG of about 103 KB
+
+
+def _cpu_s(process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+def _thread_cpu(process) -> dict[str, float]:
+    """CPU seconds per thread role: the kernel's thread names (the predictor names its image
+    workers and engine reader), the main thread as the event loop."""
+    roles: dict[str, float] = {}
+    for thread in process.threads():
+        if thread.id == process.pid:
+            role = "event loop (HTTP, JSON, base64, KServe, submit, response, logs)"
+        else:
+            try:
+                name = Path(f"/proc/{process.pid}/task/{thread.id}/comm").read_text().strip()
+            except OSError:
+                name = "?"
+            role = {
+                "qwen-vl-image": "image workers (JPEG decode, patches, tokens)",
+                "qwen-vl-reader": "engine reader (answers from the core)",
+            }.get(name.rstrip("0123456789_"), "other threads (gRPC, KServe's pools)")
+        roles[role] = roles.get(role, 0.0) + thread.user_time + thread.system_time
+    return roles
+
+
+def _front_stages(model_dir: Path, picture: bytes, runs: int = 40) -> dict[str, float]:
+    """What each step of a request's front work costs alone, on one thread (ms): the rest of
+    the server's CPU is HTTP, ASGI, KServe's data plane, the pipe and logging."""
+    import base64
+
+    import torch
+
+    from predictor.engine.loading import load_processor
+    from predictor.engine.transfer import SharedArena
+    from predictor.inputs.images import ImageLimits, prepare_image
+    from predictor.inputs.input_cache import cache_key
+    from predictor.inputs.preprocessing import Preprocessor
+    from predictor.params import SamplingParams
+    from predictor.protocol import decode_base64
+    from predictor.rows import Row
+    from predictor.server.rest import parse_rest_request
+    from predictor.settings import Settings
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the front (predictor.model): no OpenMP spin in the figures
+    settings = Settings(model_dir=str(model_dir))
+    inputs = Preprocessor(load_processor(settings))
+    inputs.pixel_dtype = torch.bfloat16
+    limits = ImageLimits(settings.max_image_bytes, settings.max_decoded_pixels)
+    budget = inputs.default_budget
+    body = serialised(infer_body(picture, SHORT_CAPTION_TOKENS))
+    text = base64.b64encode(picture).decode()
+    image = prepare_image(picture, limits, "image", budget, inputs.resize_factor)
+    processed, _ = inputs.image(picture, limits, "image", budget)
+    row = Row(
+        (),
+        Row.single(image, settings.default_prompt, SamplingParams(32)).messages,
+        SamplingParams(32),
+    )
+    encoded = inputs.encode_processed(row, [processed])
+    arena = SharedArena(64 * 1024 * 1024)
+
+    def pack() -> None:
+        spans: list = []
+        arena.pack(encoded.tensors["pixel_values"], spans)
+        for span in spans:
+            arena.free(span)
+
+    steps = {
+        "JSON body to InferRequest": lambda: parse_rest_request(body, None, "qwen-vl"),
+        "base64": lambda: decode_base64(text, "image"),
+        "cache key (SHA-256)": lambda: cache_key(picture, budget, torch.bfloat16),
+        "JPEG decode (+ resize)": lambda: prepare_image(
+            picture, limits, "image", budget, inputs.resize_factor
+        ),
+        "pixel patches": lambda: inputs.patcher.patches(image, torch.bfloat16),
+        "tokens (cached text)": lambda: inputs.encode_processed(row, [processed]),
+        "copy into the shared arena": pack,
+    }
+    costs = {}
+    for name, step in steps.items():
+        step()
+        started = time.thread_time()
+        for _ in range(runs):
+            step()
+        costs[name] = (time.thread_time() - started) / runs * 1000
+    torch.set_num_threads(threads)
+    return costs
+
+
+def bench_front_cpu(
+    model_dir: Path, work: Path, server_args: tuple[str, ...], workers: int = 1, rounds: int = 3
+) -> dict:
+    """The server's CPU per request: 16 clients, a different 448x448 JPEG (~103 KB) each
+    request (so the input cache never hits), 32-token captions, the server's processes'
+    CPU time over a run divided by the requests, with its split by thread and, measured
+    alone, by step. Then the same pictures again: what the input cache leaves."""
+    import psutil
+
+    from tests.live_server import start_server
+
+    side, per_client = SHORT_CAPTION_SIDE, 6
+    requests = 16 * per_client
+    fresh = [
+        serialised(
+            infer_body(
+                jpeg_bytes(photo(side, side, seed=100 + i), FRONT_JPEG_QUALITY),
+                SHORT_CAPTION_TOKENS,
+            )
+        )
+        for i in range(requests * (rounds + 1))
+    ]
+    args = (*server_args, "--workers", str(workers))
+    log = work / f"front-cpu-{workers}.log"
+    with start_server(model_dir, log, *args) as server:
+        deadline = time.monotonic() + 120
+        while workers > 1 and "[front 1]: Starting gRPC server" not in server.log():
+            assert time.monotonic() < deadline, "front 1 never started"
+            time.sleep(0.2)
+        time.sleep(1)
+        root = psutil.Process(server.process.pid)
+        children = [c for c in root.children() if "resource_tracker" not in " ".join(c.cmdline())]
+        core = next(c for c in children if not _listening(c))
+        fronts = [root] + [c for c in children if c.pid != core.pid]
+        me = psutil.Process()
+        run_clients(server.infer_url, fresh[:requests], 16)  # warm-up (and vision graphs)
+        per_round, roles_total = [], {}
+        engine_ms, client_ms, rates = [], [], []
+        for index in range(rounds):
+            bodies = fresh[(index + 1) * requests : (index + 2) * requests]
+            before = [_cpu_s(f) for f in fronts], _cpu_s(core), _cpu_s(me)
+            roles_before = [_thread_cpu(f) for f in fronts]
+            seconds, statuses = run_clients(server.infer_url, bodies, 16)
+            assert set(statuses) == {200}, statuses
+            after = [_cpu_s(f) for f in fronts], _cpu_s(core), _cpu_s(me)
+            per_round.append((sum(after[0]) - sum(before[0])) / requests * 1000)
+            engine_ms.append((after[1] - before[1]) / requests * 1000)
+            client_ms.append((after[2] - before[2]) / requests * 1000)
+            rates.append(requests / seconds)
+            for front, roles in zip(fronts, roles_before, strict=True):
+                for role, value in _thread_cpu(front).items():
+                    spent = (value - roles.get(role, 0.0)) / requests * 1000 / rounds
+                    roles_total[role] = roles_total.get(role, 0.0) + spent
+        repeated = fresh[requests : 2 * requests]
+        run_clients(server.infer_url, repeated, 16)  # now in the cache
+        before_cached = sum(_cpu_s(f) for f in fronts)
+        run_clients(server.infer_url, repeated, 16)
+        cached_ms = (sum(_cpu_s(f) for f in fronts) - before_cached) / requests * 1000
+    server_ms = statistics.median(per_round)
+    verdict_text = "PASS" if server_ms <= FRONT_CPU_GOAL_MS else "MISS"
+    print(
+        f"front CPU per request, {workers} front(s): {server_ms:.2f} ms "
+        f"(rounds {', '.join(f'{v:.2f}' for v in per_round)}; engine core "
+        f"{statistics.median(engine_ms):.1f} ms, load generator "
+        f"{statistics.median(client_ms):.2f} ms; {statistics.median(rates):.1f} requests/s; "
+        f"a fresh 448x448 JPEG each, 16 clients, {SHORT_CAPTION_TOKENS} tokens)  "
+        f"goal <= {FRONT_CPU_GOAL_MS:g}: {verdict_text}"
+    )
+    for role, value in sorted(roles_total.items(), key=lambda item: -item[1]):
+        print(f"    {value:5.2f} ms  {role}")
+    print(f"    the same pictures again (input cache hits): {cached_ms:.2f} ms per request")
+    stages = _front_stages(model_dir, jpeg_bytes(photo(side, side, seed=100), FRONT_JPEG_QUALITY))
+    print("    by step, each measured alone on one thread:")
+    for name, value in stages.items():
+        print(f"    {value:5.2f} ms  {name}")
+    return {
+        "server_ms_per_request": server_ms,
+        "round_ms": per_round,
+        "engine_ms_per_request": statistics.median(engine_ms),
+        "load_generator_ms_per_request": statistics.median(client_ms),
+        "requests_per_s": statistics.median(rates),
+        "by_thread_ms": roles_total,
+        "by_step_ms": stages,
+        "cached_ms_per_request": cached_ms,
+        "workers": workers,
+    }
+
+
+def _listening(process) -> bool:
+    connections = getattr(process, "net_connections", None) or process.connections
+    return any(c.status == "LISTEN" for c in connections())
+
+
+def bench_input_cache(model_dir: Path, runs: int = 5, budget_pixels: int = 1_003_520) -> dict:
+    """A 12 MP JPEG sent twice at the same pixel budget: decoding and patching it, against
+    finding it in the input cache (the key's digest included)."""
+    import torch
+
+    from predictor.engine.loading import load_processor
+    from predictor.inputs.images import ImageLimits
+    from predictor.inputs.preprocessing import Preprocessor
+    from predictor.params import PixelBudget
+    from predictor.settings import Settings
+
+    torch.set_num_threads(1)  # as in the front
+    inputs = Preprocessor(load_processor(Settings(model_dir=str(model_dir))), 512 * 1024 * 1024)
+    inputs.pixel_dtype = torch.bfloat16
+    picture = jpeg_bytes(photo(4000, 3000, seed=3))
+    limits = ImageLimits(max_bytes=50_000_000, max_decoded_pixels=50_000_000)
+    budget = PixelBudget(65_536, budget_pixels)
+    misses, hits = [], []
+    for _ in range(runs):
+        inputs.cache = type(inputs.cache)(512 * 1024 * 1024)
+        started = time.perf_counter()
+        inputs.image(picture, limits, "image", budget)
+        misses.append((time.perf_counter() - started) * 1000)
+        started = time.perf_counter()
+        _, hit = inputs.image(picture, limits, "image", budget)
+        hits.append((time.perf_counter() - started) * 1000)
+        assert hit
+    miss_ms, hit_ms = statistics.median(misses), statistics.median(hits)
+    print(
+        f"input cache, 12 MP JPEG ({len(picture) / 1e6:.1f} MB) sent again: {hit_ms:.2f} ms "
+        f"against {miss_ms:.1f} ms to decode and patch it ({miss_ms / hit_ms:.0f}x; "
+        f"budget {budget_pixels} px)"
+    )
+    return {"miss_ms": miss_ms, "hit_ms": hit_ms, "saving_ms": miss_ms - hit_ms}
+
+
 # ---- CPU run ----------------------------------------------------------------------------
 
 
@@ -953,7 +1178,17 @@ def cpu_run(args: argparse.Namespace) -> dict:
         results["overload"] = bench_overload(
             model_dir, work, pictures, queue=4, server_args=tuple(args.server_arg)
         )
+        results.update(front_run(model_dir, work, tuple(args.server_arg)))
     return results
+
+
+def front_run(model_dir: Path, work: Path, server_args: tuple[str, ...]) -> dict:
+    """The front's CPU per request with one front and with two, and the input cache."""
+    return {
+        "front_cpu": bench_front_cpu(model_dir, work, server_args, workers=1),
+        "front_cpu_2_fronts": bench_front_cpu(model_dir, work, server_args, workers=2),
+        "input_cache_12mp": bench_input_cache(model_dir),
+    }
 
 
 # ---- GPU run ----------------------------------------------------------------------------
@@ -1082,6 +1317,11 @@ def main() -> None:
         help="instead: Triton's perf_analyzer (REST and gRPC) and aiperf (streaming chat), "
         "concurrency 1 and 8 (hack/client_bench.py)",
     )
+    parser.add_argument(
+        "--front-cpu",
+        action="store_true",
+        help="instead: only the front's CPU per request (1 and 2 fronts) and the input cache",
+    )
     parser.add_argument("--p1-worker", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.p1_worker:
@@ -1091,6 +1331,13 @@ def main() -> None:
         from hack.client_bench import bench_clients
 
         results = bench_clients(args.tokens)
+    elif args.front_cpu:
+        from hack.make_tiny_model import make_tiny_model
+
+        with tempfile.TemporaryDirectory(prefix="qwen-vl-bench-") as tmp:
+            model_dir = make_tiny_model(Path(tmp) / "tiny", "qwen3-vl")
+            server_args = (*SERVER_DEFAULTS, *args.server_arg)
+            results = front_run(model_dir, Path(tmp), server_args)
     else:
         results = gpu_run(args) if args.shape else cpu_run(args)
     if args.json:

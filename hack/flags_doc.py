@@ -25,7 +25,12 @@ TABLE_RULE = "|---|---|---|---|"
 
 # What KServe's own flags mean for this server, where its help text would mislead.
 KSERVE_NOTES = {
-    "workers": "must be 1: one front process per pod (the engine core is a process of its own)",
+    "workers": "front processes in front of the one engine core (HTTP, gRPC, images, the "
+    "processor), sharing its ports, capacity, metrics and drain; above 1 needs "
+    "--engine_process true (see predictor.server.fronts)",
+    "enable_latency_logging": "KServe's per-request latency lines (three a request, and a "
+    "timing middleware that reads the process's CPU time twice a request); off by default "
+    "here, where the predictor logs one line per request with its timings",
     "grpc_max_send_message_length": "raised at start-up to fit the largest valid request "
     "(`--max_images_per_request` images of `--max_image_bytes` in base64, plus 1 MiB)",
     "grpc_max_receive_message_length": "raised at start-up, as the send limit",

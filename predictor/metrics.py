@@ -43,19 +43,37 @@ IMAGE_DECODE_SECONDS = Histogram(
     LABELS,
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
+INPUT_CACHE_HITS = Counter(
+    f"{PREFIX}_input_cache_hits",
+    "Images found in the input cache (same bytes, same pixel budget): not decoded or "
+    "processed again.",
+    LABELS,
+)
+INPUT_CACHE_MISSES = Counter(
+    f"{PREFIX}_input_cache_misses",
+    "Images looked up in the input cache and not found (decoded and processed, then kept).",
+    LABELS,
+)
 
 # Load of the generation engine, for an endpoint picker and an autoscaler.
 REQUESTS_WAITING = Gauge(
-    f"{PREFIX}_num_requests_waiting", "Requests queued, not yet generating.", LABELS
+    f"{PREFIX}_num_requests_waiting",
+    "Requests queued, not yet generating.",
+    LABELS,
+    multiprocess_mode="livemax",
 )
 REQUESTS_RUNNING = Gauge(
-    f"{PREFIX}_num_requests_running", "Requests whose images are generating now.", LABELS
+    f"{PREFIX}_num_requests_running",
+    "Requests whose images are generating now.",
+    LABELS,
+    multiprocess_mode="livemax",
 )
 UTILIZATION = Gauge(
     f"{PREFIX}_utilization",
     "Share of the engine's capacity in use, 0 to 1: (running + waiting rows) / max batch size, "
     "capped at 1. Endpoint pickers use it in place of KV-cache usage.",
     LABELS,
+    multiprocess_mode="livemax",  # with several fronts only the engine core sets these
 )
 REJECTED = Counter(
     f"{PREFIX}_requests_rejected",
@@ -92,6 +110,8 @@ def touch(model_name: str) -> None:
         PROMPT_TOKENS,
         GENERATION_SECONDS,
         IMAGE_DECODE_SECONDS,
+        INPUT_CACHE_HITS,
+        INPUT_CACHE_MISSES,
         REQUESTS_WAITING,
         REQUESTS_RUNNING,
         UTILIZATION,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from typing import Any
@@ -21,7 +21,7 @@ from kserve.model import InferenceVerb
 from kserve.protocol.infer_type import InferRequest, InferResponse
 
 from predictor import metrics
-from predictor.engine.client import RemoteEngine
+from predictor.engine.client import FrontLink, RemoteEngine
 from predictor.engine.decode_step import configure_compile_cache
 from predictor.engine.generation import Generator
 from predictor.engine.loading import load_checkpoint_sampling, load_model, load_processor
@@ -35,7 +35,8 @@ from predictor.errors import (
     Unavailable,
 )
 from predictor.inputs.image_workers import ImageWorkers
-from predictor.inputs.images import ImageLimits, prepare_image
+from predictor.inputs.images import ImageLimits
+from predictor.inputs.input_cache import MIB, InputCache
 from predictor.inputs.preprocessing import Preprocessor
 from predictor.params import PixelBudget, RequestLimits, sampling_defaults
 from predictor.protocol import (
@@ -96,14 +97,20 @@ def _ms(start: float) -> int:
 class QwenVLModel(Model):
     """Describes images with a Qwen-VL checkpoint over the Open Inference Protocol v2."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, fronts: int = 1, link: FrontLink | None = None):
         super().__init__(settings.model_name)
         self.settings = settings
+        self.fronts = fronts  # front processes in front of the engine core (--workers)
+        self.link = link  # set: another front started the core; this one attaches to it
+        # Called with the engine (before it is ready) by the front that starts the core
+        # (`predictor.server.fronts` starts the other fronts there).
+        self.on_engine_started: Callable[[RemoteEngine], None] | None = None
         self.image_limits = ImageLimits(
             max_bytes=settings.max_image_bytes, max_decoded_pixels=settings.max_decoded_pixels
         )
         self.generator: Generator | None = None  # in-process layout only
         self.preprocessor: Generator | Preprocessor | None = None  # encodes rows for the engine
+        self.inputs: Preprocessor | None = None  # images to patches, conversations to tokens
         self.engine: Engine | RemoteEngine | None = None
         self.engine_failed: str | None = None  # why the engine process died, if it did
         # Called with that reason when it dies, on the engine's reader thread.
@@ -134,6 +141,9 @@ class QwenVLModel(Model):
         loaded = load_model(self.settings)
         self.generator = Generator(loaded.model, loaded.processor)
         self.preprocessor = self.generator
+        self.inputs = self.generator.preprocessor
+        self.inputs.cache = InputCache(self.settings.input_cache_mb * MIB)
+        self.inputs.pixel_dtype = loaded.model.dtype  # what the vision encoder casts to
         self.limits = self._request_limits(
             self.generator.default_budget, self.generator.checkpoint_sampling
         )
@@ -155,22 +165,34 @@ class QwenVLModel(Model):
         # parallel across requests; intra-op threads on top of that oversubscribed the cores
         # (6 request threads x 2 OpenMP threads on 2 cores made the processor 4x slower).
         torch.set_num_threads(1)
-        self.preprocessor = Preprocessor(load_processor(self.settings))
+        self.preprocessor = self.inputs = Preprocessor(
+            load_processor(self.settings), self.settings.input_cache_mb * MIB
+        )
         self.limits = self._request_limits(
             self.preprocessor.default_budget, load_checkpoint_sampling(self.settings)
         )
-        engine = RemoteEngine(self.settings, self.name)
+        engine = RemoteEngine(self.settings, self.name, self.fronts, self.link)
         engine.on_death = self._engine_died
         self.engine = engine
         try:
+            if self.on_engine_started is not None:
+                self.on_engine_started(engine)
             engine.wait_ready()
         except StartupError:
             engine.stop()
             raise
+        self.inputs.pixel_dtype = engine.pixel_dtype
         self.ready = True
         self.loaded_at = time.time()
         logger.info("model %s ready in %d ms", self.name, _ms(started))
         return self.ready
+
+    def fail(self, detail: str) -> None:
+        """Something this process cannot serve without is gone for good (another front's
+        process died): as when the engine dies, not live, not ready, 503 for every request,
+        so Kubernetes restarts the pod."""
+        logger.error("%s: the pod can no longer serve as configured", detail)
+        self._engine_died(detail)
 
     def _engine_died(self, detail: str) -> None:
         """The engine process is gone and will not come back: stop saying ready or live, and
@@ -321,19 +343,41 @@ class QwenVLModel(Model):
 
     def _decode_rows(self, parsed: ParsedRequest) -> list[Row]:
         """Decode, resize and encode every image of a request (runs on a worker thread)."""
-        generator = self.preprocessor
-        assert generator is not None
         rows = []
         for index, (data, prompt) in enumerate(zip(parsed.images, parsed.prompts, strict=True)):
-            field = f"image[{index}]"
-            image = prepare_image(
-                data, self.image_limits, field, parsed.budget, generator.resize_factor
-            )
-            row = Row.single(image, prompt, parsed.sampling)
-            row = replace(row, inputs=generator.encode(row))
-            check_fits(row, self.settings.max_model_len, "max_new_tokens")
-            rows.append(row)
+            content = [{"type": "image"}, {"type": "text", "text": prompt}]
+            row = Row((), ({"role": "user", "content": content},), parsed.sampling)
+            fields = (f"image[{index}]",)
+            rows.append(self.encode_row(row, (data,), fields, parsed.budget, "max_new_tokens"))
         return rows
+
+    def encode_row(
+        self,
+        row: Row,
+        images: Sequence[bytes],
+        fields: Sequence[str],
+        budget: PixelBudget,
+        length_field: str,
+    ) -> Row:
+        """A row (its conversation and sampling, no images) with its model inputs: each image
+        decoded and patched, or found in the input cache, then the conversation's tokens;
+        refused (400, naming `length_field`) if it cannot fit a batch slot. Every route's
+        rows come through here, on an image worker thread."""
+        inputs = self.inputs
+        assert inputs is not None, "encode_row before load"
+        processed = []
+        for data, field in zip(images, fields, strict=True):
+            image, hit = inputs.image(data, self.image_limits, field, budget)
+            if inputs.cache.enabled:
+                (metrics.INPUT_CACHE_HITS if hit else metrics.INPUT_CACHE_MISSES).labels(
+                    self.name
+                ).inc()
+            processed.append(image)
+        row = replace(row, inputs=inputs.encode_processed(row, processed))
+        if self.generator is not None:  # one process: the vision encoder runs here too
+            row = replace(row, inputs=self.generator.encode_images(row.inputs))
+        check_fits(row, self.settings.max_model_len, length_field)
+        return row
 
     async def predict(
         self,

@@ -11,7 +11,6 @@ model, so the whole contract is tested without one.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import re
 import struct
@@ -70,12 +69,20 @@ _DATA_URL = re.compile(r"^data:image/[A-Za-z0-9.+-]+;base64,", re.IGNORECASE)
 
 
 def decode_base64(text: str, field: str) -> bytes:
-    """Strict base64 (or a base64 data URL) to bytes; anything else is the client's error."""
-    payload = _DATA_URL.sub("", text.strip(), count=1)
-    if payload.startswith("data:"):
-        raise InvalidRequest(field, "only base64 image data URLs are accepted")
+    """Strict base64 (or a base64 data URL) to bytes; anything else is the client's error.
+
+    binascii's strict mode checks the alphabet and the padding as it decodes: `b64decode`'s
+    `validate=True` ran a regular expression over the whole text first, and with the copies
+    of `strip()` and `encode()` that took 0.3 ms of the event loop for a 100 KB image."""
+    payload = text
+    if text[:1].isspace() or text[-1:].isspace():
+        payload = text.strip()
+    if payload[:5].lower() == "data:":
+        payload = _DATA_URL.sub("", payload, count=1)
+        if payload.startswith("data:"):
+            raise InvalidRequest(field, "only base64 image data URLs are accepted")
     try:
-        return base64.b64decode(payload, validate=True)
+        return binascii.a2b_base64(payload, strict_mode=True)
     except (binascii.Error, ValueError) as exc:
         raise InvalidRequest(field, f"is not valid base64 ({exc})") from None
 

@@ -55,6 +55,8 @@ class Settings:
     max_model_len: int = 4096
     engine_process: bool = True
     cpu_threads: int = 0
+    # Processed images kept by content (predictor.inputs.input_cache), per front process.
+    input_cache_mb: int = 256
     served_model_aliases: tuple[str, ...] = ()
     allow_remote_images: bool = False
     remote_image_hosts: tuple[str, ...] = ()
@@ -106,6 +108,8 @@ class Settings:
             raise ValueError("--max_new_tokens must not exceed --max_new_tokens_limit")
         if self.cpu_threads < 0:
             raise ValueError("--cpu_threads must be 0 (automatic) or more")
+        if self.input_cache_mb < 0:
+            raise ValueError("--input_cache_mb must be 0 (off) or more")
         if self.batch_wait_ms < 0 or self.request_timeout_s <= 0:
             raise ValueError("--batch_wait_ms must be >= 0 and --request_timeout_s > 0")
         if self.waiting_served_ratio < 0 or self.max_waiting_tokens < 0:
@@ -253,6 +257,13 @@ def build_parser(parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.Ar
         default=_env("cpu_threads", d.cpu_threads, int),
         help="torch threads when running on the CPU; 0: all cores but one, which is left to "
         "the HTTP and gRPC servers and image decoding",
+    )
+    runtime.add_argument(
+        "--input_cache_mb",
+        type=int,
+        default=_env("input_cache_mb", d.input_cache_mb, int),
+        help="MiB of processed images each front process keeps, keyed by the image's bytes "
+        "and pixel budget: an image sent again skips decoding and the processor; 0: off",
     )
 
     engine = parser.add_argument_group("batching engine")

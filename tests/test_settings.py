@@ -97,10 +97,16 @@ def test_missing_model_is_a_one_line_startup_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_more_than_one_worker_is_refused(tiny_qwen3_vl: Path) -> None:
-    done = run_predictor("--model_dir", str(tiny_qwen3_vl), "--workers", "2")
+def test_several_workers_need_the_engine_process(tiny_qwen3_vl: Path) -> None:
+    """Several fronts share one engine core; with the engine in the front there would be a
+    model per front (tests/test_fronts.py runs two fronts)."""
+    args = ("--model_dir", str(tiny_qwen3_vl), "--workers", "2", "--engine_process", "false")
+    done = run_predictor(*args)
     assert done.returncode == 2
-    assert "--workers must be 1" in done.stderr
+    assert "--workers above 1 needs --engine_process true" in done.stderr
+    done = run_predictor("--model_dir", str(tiny_qwen3_vl), "--workers", "0")
+    assert done.returncode == 2
+    assert "--workers must be at least 1" in done.stderr
 
 
 @pytest.mark.parametrize(

@@ -3,9 +3,14 @@
 It offers what the request path uses of `predictor.engine.scheduler.Engine` (`reserve`,
 `submit`, the drain's `refuse_new` / `close` / `busy`, `stop`), so the model and the OpenAI
 route do not care where the engine runs. Admission is decided here, at once and without
-asking the core: the front knows the requests it holds (decoding their images, or sent to the
-core) and the core reports its running rows and requests whenever they change; capacity is the
-queue plus the batch slots free, as in the engine itself.
+asking the core, on the shared load board (`predictor.engine.board`): every front publishes
+the requests it holds (decoding their images, or sent to the core) and the core its running
+rows and requests; capacity is the queue plus the batch slots free, as in the engine itself,
+counted over all fronts.
+
+The first front (the server process `main` starts) spawns the core; with `--workers N` it
+also prepares a pipe, a shared region and a board slot for each other front
+(`sibling_links`), which attach to the same core (`RemoteEngine(..., link=...)`).
 
 One thread reads the core's messages: text deltas go straight to each row's `on_text` (as
 the engine's thread calls it in-process), completions and errors resolve the request's future
@@ -31,6 +36,7 @@ import torch.multiprocessing as torch_mp
 
 from predictor import metrics
 from predictor.engine import core as engine_core
+from predictor.engine.board import LoadBoard
 from predictor.engine.scheduler import (  # one Reservation and admission rule for both engines
     EngineConfig,
     Reservation,
@@ -41,9 +47,11 @@ from predictor.errors import (
     DeadlineExceeded,
     EngineUnavailable,
     OutOfDeviceMemory,
+    ShuttingDown,
     StartupError,
     Unavailable,
 )
+from predictor.inputs.image_workers import name_this_thread
 from predictor.protocol import Completion
 from predictor.rows import EncodedRow, Row
 from predictor.settings import Settings
@@ -58,6 +66,16 @@ STOP_TIMEOUT_S = 10.0
 SHARED_ARENA_BYTES = 256 * 1024 * 1024
 
 
+@dataclass(frozen=True)
+class FrontLink:
+    """What a front other than the first needs to reach the core (picklable at spawn)."""
+
+    index: int
+    connection: Any
+    arena_buffer: Any
+    board: Any  # LoadBoard.handle
+
+
 @dataclass(eq=False)
 class _Pending:
     """A request sent to the core, until its answer comes back."""
@@ -70,7 +88,13 @@ class _Pending:
 class RemoteEngine:
     """The engine core process, started, watched and spoken to from the server process."""
 
-    def __init__(self, settings: Settings, model_name: str):
+    def __init__(
+        self,
+        settings: Settings,
+        model_name: str,
+        fronts: int = 1,
+        link: FrontLink | None = None,
+    ):
         self.settings = settings
         self.model_name = model_name
         self.config = EngineConfig.from_settings(settings)
@@ -82,25 +106,47 @@ class RemoteEngine:
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
         self._reserved = 0
-        self._running_rows = 0
-        self._running_requests = 0
         self._stopping = False
         self._refusal: Callable[[], Unavailable] | None = None  # new work refused (draining)
         self._closed: Callable[[], Unavailable] | None = None  # everything refused and ended
-        self._arena = SharedArena(SHARED_ARENA_BYTES)
         self._spans: dict[int, list[Span]] = {}  # arena spans each request's rows hold
         self._pixel_dtype: Any = None  # the core's model dtype: patches are cast to it here
+        self._reader: threading.Thread | None = None
+        self.sibling_links: list[FrontLink] = []
+        self.process: Any = None  # the core, when this front started it
+        if link is not None:  # another front started the core: attach to it
+            self.index = link.index
+            self.board = LoadBoard.attach(link.board)
+            self._arena = SharedArena.attach(link.arena_buffer)
+            self._connection = link.connection
+            return
+        self.index = 0
         context = torch_mp.get_context("spawn")
+        self.board = LoadBoard.create(fronts, context)
+        self._arena = SharedArena(SHARED_ARENA_BYTES)
         self._connection, child_end = context.Pipe(duplex=True)
+        core_ends, buffers = [child_end], [self._arena.buffer]
+        for index in range(1, fronts):
+            front_end, core_end = context.Pipe(duplex=True)
+            arena = SharedArena(SHARED_ARENA_BYTES)
+            core_ends.append(core_end)
+            buffers.append(arena.buffer)
+            self.sibling_links.append(FrontLink(index, front_end, arena.buffer, self.board.handle))
         self.process = context.Process(
             target=engine_core.run,
-            args=(settings, child_end, self._arena.buffer),
+            args=(settings, core_ends, buffers, self.board.handle, fronts == 1),
             name="qwen-vl-engine-core",
             daemon=True,
         )
         self.process.start()
-        child_end.close()
-        self._reader: threading.Thread | None = None
+        for end in core_ends:  # the core has them: its death closes the fronts' pipes
+            end.close()
+
+    def release_sibling_links(self) -> None:
+        """Close this process's copies of the other fronts' pipe ends, once they have them."""
+        for link in self.sibling_links:
+            link.connection.close()
+        self.sibling_links = []
 
     # ---- start-up ---------------------------------------------------------------------
 
@@ -109,16 +155,14 @@ class RemoteEngine:
         fails or dies first."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while not self._connection.poll(STARTUP_POLL_S):
-            if not self.process.is_alive():
+            if self.process is not None and not self.process.is_alive():
                 raise StartupError(f"the engine process exited with {self.process.exitcode}")
             if deadline is not None and time.monotonic() > deadline:
                 raise StartupError(f"the engine process was not ready in {timeout_s:g} s")
         try:
             message = self._connection.recv()
         except (EOFError, OSError):
-            raise StartupError(
-                f"the engine process exited with {self.process.join(5) or self.process.exitcode}"
-            ) from None
+            raise StartupError(f"the engine process exited with {self._exit_code()}") from None
         if message[0] != "ready":
             raise StartupError(f"the engine process failed to load: {message[3]}")
         self.info = message[1]
@@ -126,27 +170,57 @@ class RemoteEngine:
         self.alive = True
         self._reader = threading.Thread(target=self._read, name="engine-reader", daemon=True)
         self._reader.start()
-        logger.info("engine process %d ready (%s)", self.process.pid, self.info)
+        if self.board.fronts == 1:  # several: the core writes these (multiprocess metrics)
+            board, name = self.board, self.model_name
+            metrics.REQUESTS_WAITING.labels(name).set_function(lambda: board.waiting_requests)
+            metrics.REQUESTS_RUNNING.labels(name).set_function(lambda: board.running_requests)
+            batch = self.config.max_batch_size
+            metrics.UTILIZATION.labels(name).set_function(
+                lambda: min(1.0, board.running_rows / batch)
+            )
+        where = f"process {self.process.pid}" if self.process is not None else "process"
+        logger.info("engine %s ready (%s); front %d", where, self.info, self.index)
+
+    def _exit_code(self) -> Any:
+        if self.process is None:
+            return "an unknown status (another front started it)"
+        self.process.join(5)
+        return self.process.exitcode
+
+    @property
+    def pixel_dtype(self) -> torch.dtype:
+        """The dtype the core's vision encoder takes pixel patches in (known once ready)."""
+        return self._pixel_dtype or torch.float32
 
     # ---- admission (what Engine offers the request path) ------------------------------
 
     def reserve(self) -> Reservation:
-        with self._lock:
+        with self._lock, self.board.lock:
             self._refuse_if_full()
             self._reserved += 1
+            self._publish()
         return Reservation(self)
 
     def _release(self) -> None:
         with self._lock:
             self._reserved -= 1
+            self._publish()
+
+    def _publish(self) -> None:
+        """This front's admitted, unfinished requests, for every front's admission. Called
+        with the lock held."""
+        self.board.set_outstanding(self.index, self._reserved + len(self._pending))
 
     def _refuse_if_full(self) -> None:
-        """Called with the lock held."""
+        """Called with the lock and the board's lock held."""
         if not self.alive:
             raise EngineUnavailable()
-        # Sent requests the core has not started are queued; reservations are decoding.
-        pending = self._reserved + max(0, len(self._pending) - self._running_requests)
-        refuse_if_full(self.config, self.model_name, self._refusal, pending, self._running_rows)
+        board = self.board
+        if self._refusal is None and board.draining:
+            raise ShuttingDown()  # the first front drains: every front refuses from now
+        # Admitted requests of every front the core is not running are decoding or queued.
+        pending = max(0, board.outstanding() - board.running_requests)
+        refuse_if_full(self.config, self.model_name, self._refusal, pending, board.running_rows)
 
     async def submit(
         self,
@@ -171,10 +245,12 @@ class RemoteEngine:
                 if self._closed is not None:
                     raise self._closed()
                 if reservation is None:
-                    self._refuse_if_full()
+                    with self.board.lock:
+                        self._refuse_if_full()
                 request_id = next(self._ids)
                 self._pending[request_id] = pending
                 self._spans[request_id] = spans
+                self._publish()
                 spans = []  # the core releases them now
             try:
                 self._send("submit", request_id, sent, packed, streams, arrived)
@@ -222,7 +298,9 @@ class RemoteEngine:
 
     def _forget(self, request_id: int) -> _Pending | None:
         with self._lock:
-            return self._pending.pop(request_id, None)
+            pending = self._pending.pop(request_id, None)
+            self._publish()
+            return pending
 
     def _send(self, *message: Any) -> None:
         with self._send_lock:
@@ -231,6 +309,7 @@ class RemoteEngine:
     # ---- the reader thread ------------------------------------------------------------
 
     def _read(self) -> None:
+        name_this_thread("qwen-vl-reader")
         while True:
             try:
                 message = self._connection.recv()
@@ -269,15 +348,6 @@ class RemoteEngine:
             for name, method, value in message[1]:
                 if name in engine_core.FORWARDED_METRICS and method in ("observe", "inc"):
                     getattr(getattr(metrics, name).labels(self.model_name), method)(value)
-        elif kind == "load":
-            _, rows, waiting, running = message
-            with self._lock:
-                self._running_rows, self._running_requests = rows, running
-            metrics.REQUESTS_WAITING.labels(self.model_name).set(waiting)
-            metrics.REQUESTS_RUNNING.labels(self.model_name).set(running)
-            metrics.UTILIZATION.labels(self.model_name).set(
-                min(1.0, rows / self.config.max_batch_size)
-            )
 
     def _died(self) -> None:
         """The core's end of the pipe closed: fail what it held; tell the model."""
@@ -286,10 +356,12 @@ class RemoteEngine:
             held = list(self._pending.values())
             self._pending.clear()
             self._spans.clear()
+            self._publish()
             stopping = self._stopping
         self._arena.reset()  # nothing reads it any more
-        self.process.join(timeout=1)
-        detail = f"the engine process exited with {self.process.exitcode}"
+        if self.process is not None:
+            self.process.join(timeout=1)
+        detail = f"the engine process exited with {self._exit_code()}"
         if not stopping:
             logger.error("%s; %d requests fail", detail, len(held))
         # Told first: what it schedules on the event loop (the gRPC server's GOAWAY) runs
@@ -303,15 +375,17 @@ class RemoteEngine:
             pending.loop.call_soon_threadsafe(
                 _resolve, pending.future, None, EngineUnavailable(detail)
             )
-        metrics.REQUESTS_RUNNING.labels(self.model_name).set(0)
-        metrics.REQUESTS_WAITING.labels(self.model_name).set(0)
+        self.board.report(0, 0, 0)
 
     # ---- drain (predictor.server.drain) --------------------------------------------------------
 
     def refuse_new(self, error: Callable[[], Unavailable]) -> None:
-        """Refuse requests not yet admitted with `error()`; admitted ones still run."""
+        """Refuse requests not yet admitted with `error()`; admitted ones still run. The
+        first front's drain also raises the board's flag, so every front refuses at once."""
         with self._lock:
             self._refusal = error
+        if self.index == 0:
+            self.board.set_draining()
 
     def close(self, error: Callable[[], Unavailable]) -> int:
         """End every request sent to the core with `error()` (the core drops their rows) and
@@ -320,6 +394,7 @@ class RemoteEngine:
             self._closed = self._refusal = error
             held = list(self._pending.items())
             self._pending.clear()
+            self._publish()
         for request_id, pending in held:
             pending.loop.call_soon_threadsafe(_resolve, pending.future, None, error())
             if self.alive:
@@ -344,7 +419,7 @@ class RemoteEngine:
         """Ask the core to stop; kill it if it does not exit in time."""
         with self._lock:
             self._stopping = True
-        if self.process.is_alive():
+        if self.process is not None and self.process.is_alive():
             with contextlib.suppress(OSError):
                 self._send("stop")
             self.process.join(STOP_TIMEOUT_S)

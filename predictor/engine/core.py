@@ -10,22 +10,30 @@ processor's CPU work, admission, metrics) and sends prepared rows to this proces
 (`predictor.engine.client.RemoteEngine`), which runs the same `Engine` as the in-process
 layout.
 
-Transport: one duplex pipe from a `spawn` multiprocessing context, carrying pickled tuples,
-and one shared-memory region mapped by both processes at spawn: a row's pixel patches
-(megabytes of floats for a 1 MP image) are copied into it once by the front and read in place
-here, and everything else is small and pickled (token ids, text deltas, load figures); see
-`predictor.engine.transfer`. ZMQ with msgpack, as vLLM uses, would add a dependency and a
-tensor serialisation of our own for no gain at one front and one core on one host.
+Clients: one per front process (`--workers N`: N fronts in front of this one core, as vLLM's
+`--api-server-count` puts several API servers in front of one `EngineCore`). Each front has
+a duplex pipe from a `spawn` multiprocessing context, carrying pickled tuples, and a
+shared-memory region of its own mapped here at spawn: a row's pixel patches (megabytes for a
+1 MP image) are copied into it once by that front and read in place here, and everything else
+is small and pickled (token ids, text deltas); see `predictor.engine.transfer`. The engine's
+load is not sent: the core writes it into a shared board every front reads at admission
+(`predictor.engine.board`). ZMQ with msgpack, as vLLM uses, would add a dependency and a
+tensor serialisation of our own for no gain on one host. Request ids are each front's own;
+the core keys requests by client and id.
 
 Messages, front to core: ("submit", id, rows, packed tensors, streams, arrived), ("abort",
-id), ("stop",). Core to front: ("ready", info), ("released", id) once a request's pixel
-patches have been read, ("text", id, row, delta), ("done", id, completions),
-("failed", id, kind, message), ("load", running rows, waiting requests, running requests),
-("metrics", [(collector, method, value), ...]) every 0.1 s while the engine records any.
+id), ("stop",) (front 0 only). Core to a front: ("ready", info), ("released", id) once a
+request's pixel patches have been read, ("text", id, row, delta), ("done", id, completions),
+("failed", id, kind, message), and to front 0 with a single front ("metrics", [(collector,
+method, value), ...]) every 0.1 s while the engine records any. With several fronts the
+metrics are Prometheus' multiprocess files instead, which this process writes like the fronts
+(`predictor.server.fronts`), so any front's /metrics shows the engine's.
 
-Lifecycle: the core loads and warms up the model before it says "ready". It exits when the
-front closes the pipe or dies: the pipe's end wakes the receiving loop, and on Linux the kernel
-also kills the core when its parent exits (`PR_SET_PDEATHSIG`), so no core outlives its front.
+Lifecycle: the core loads and warms up the model before it says "ready" to every front. It
+exits when front 0 (the one that started it) stops it, closes its pipe or dies: the pipe's
+end wakes the receiving loop, and on Linux the kernel also kills the core when its parent
+exits (`PR_SET_PDEATHSIG`), so no core outlives its front. When another front's pipe closes,
+the requests it held are dropped and the core serves on.
 """
 
 from __future__ import annotations
@@ -42,8 +50,10 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import replace
+from multiprocessing import connection as mp_connection
 from typing import Any
 
+from predictor.engine.board import LoadBoard
 from predictor.engine.transfer import SharedArena
 from predictor.errors import DeadlineExceeded, OutOfDeviceMemory
 from predictor.inputs.image_workers import ImageWorkers
@@ -55,7 +65,7 @@ logger = logging.getLogger("predictor.engine.core")
 VISION_THREADS = 2  # rows through the vision encoder while the decode loop runs
 METRICS_FLUSH_S = 0.1  # how often the engine's metric updates go to the front
 # The engine's own metrics: recorded here, applied to the front's collectors (which /metrics
-# serves). Load gauges travel in "load" messages instead, since admission needs them too.
+# serves). Load gauges are on the shared board instead, since admission needs them too.
 FORWARDED_METRICS = (
     "BATCH_SIZE",
     "QUEUE_WAIT_SECONDS",
@@ -69,45 +79,79 @@ FORWARDED_METRICS = (
 _PR_SET_PDEATHSIG = 1
 
 
-def run(settings: Settings, connection: Any, arena_buffer: Any) -> None:
-    """The core process's entry point (spawned by `RemoteEngine`), with the shared region
-    rows' pixel patches arrive in (`predictor.engine.transfer`)."""
+def run(
+    settings: Settings,
+    connections: list[Any],
+    arena_buffers: list[Any],
+    board_handle: Any,
+    forward_metrics: bool = True,
+) -> None:
+    """The core process's entry point (spawned by `RemoteEngine`): one pipe and one shared
+    region per front (`predictor.engine.transfer`), the shared load board, and whether the
+    engine's metrics go to front 0 over its pipe (one front) or to Prometheus' multiprocess
+    files (several)."""
     _exit_with_parent()
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front decides when to stop
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _configure_logging()
     sys.setswitchinterval(0.001)
+    clients = [
+        _Client(index, connection, SharedArena.attach(buffer))
+        for index, (connection, buffer) in enumerate(zip(connections, arena_buffers, strict=True))
+    ]
     try:
-        core = Core.load(settings, connection, SharedArena.attach(arena_buffer))
-    except Exception as exc:  # reported to the front, which refuses to start
+        core = Core.load(settings, clients, LoadBoard.attach(board_handle), forward_metrics)
+    except Exception as exc:  # reported to the fronts, which refuse to start
         logger.exception("engine core failed to load")
-        with contextlib.suppress(OSError):
-            connection.send(("failed", None, type(exc).__name__, str(exc)))
+        for client in clients:
+            with contextlib.suppress(OSError):
+                client.connection.send(("failed", None, type(exc).__name__, str(exc)))
         os._exit(3)
     core.serve()
     os._exit(0)
 
 
-class Core:
-    """Receives prepared rows, runs them through the engine, sends their tokens back."""
+class _Client:
+    """One front process: its pipe, its shared region, the requests it has here."""
 
-    def __init__(self, engine: Any, generator: Any, connection: Any, arena: SharedArena):
-        self.engine = engine
-        self.arena = arena
-        self.generator = generator
+    def __init__(self, index: int, connection: Any, arena: SharedArena):
+        self.index = index
         self.connection = connection
-        self._send_lock = threading.Lock()
+        self.arena = arena
+        self.send_lock = threading.Lock()
+        self.requests: dict[int, Any] = {}
+        self.aborted: set[int] = set()
+        self.closed = False
+
+    def send(self, *message: Any) -> None:
+        if self.closed:
+            return
+        with self.send_lock:
+            self.connection.send(message)
+
+
+class Core:
+    """Receives prepared rows from the fronts, runs them through the engine, sends their
+    tokens back to the front each came from."""
+
+    def __init__(self, engine: Any, generator: Any, clients: list[_Client], board: LoadBoard):
+        self.engine = engine
+        self.generator = generator
+        self.clients = clients
+        self.board = board
         self._lock = threading.Lock()
-        self._requests: dict[int, Any] = {}
-        self._aborted: set[int] = set()
         # Below the decode loop's priority, as the front's image threads are below its event
         # loop's: a step for every running row comes before one more row's features.
         self._vision = ImageWorkers(VISION_THREADS, name="vision")
+        self._gauges: tuple[Any, Any, Any] | None = None  # set: the multiprocess metrics
+        self._max_batch_size = max(1, int(getattr(engine.config, "max_batch_size", 1)))
         engine.on_load = self._report_load
 
     @classmethod
-    def load(cls, settings: Settings, connection: Any, arena: SharedArena) -> Core:
+    def load(
+        cls, settings: Settings, clients: list[_Client], board: LoadBoard, forward_metrics: bool
+    ) -> Core:
         # Imported here: the front imports this module to name the process's target, and
         # should not pay for torch and transformers' model code twice.
         from transformers.utils import logging as transformers_logging
@@ -122,16 +166,27 @@ class Core:
         # behind (the front's resource tracker then warns of a leaked semaphore at exit).
         transformers_logging.disable_progress_bar()
 
-        forwarded = _forward_metrics()
+        forwarded = _forward_metrics() if forward_metrics else None
         configure_compile_cache(settings.compile_cache_dir if settings.compile else None)
         loaded = load_model(settings)
         generator = Generator(loaded.model, loaded.processor)
         config = EngineConfig.from_settings(settings)
         engine = Engine(generator, settings.model_name, config, warm_up=settings.warmup)
-        core = cls(engine, generator, connection, arena)
-        threading.Thread(
-            target=core._flush_metrics, args=(forwarded,), name="metrics", daemon=True
-        ).start()
+        core = cls(engine, generator, clients, board)
+        if forwarded is not None:
+            threading.Thread(
+                target=core._flush_metrics, args=(forwarded,), name="metrics", daemon=True
+            ).start()
+        else:
+            from predictor import metrics
+
+            name = settings.model_name
+            metrics.touch(name)
+            core._gauges = (
+                metrics.REQUESTS_WAITING.labels(name),
+                metrics.REQUESTS_RUNNING.labels(name),
+                metrics.UTILIZATION.labels(name),
+            )
         dtype = str(generator.model.dtype).removeprefix("torch.")
         info = {"device": str(generator.device), "compiled": settings.compile, "dtype": dtype}
         # As in the server process (predictor.server.main): the model, torch and transformers
@@ -139,32 +194,49 @@ class Core:
         # this the decode loop ran 12% slower here than in one process.
         gc.collect()
         gc.freeze()
-        core.send("ready", info)
+        for client in clients:
+            with contextlib.suppress(OSError):
+                client.send("ready", info)
         return core
 
-    def send(self, *message: Any) -> None:
-        with self._send_lock:
-            self.connection.send(message)
-
     def serve(self) -> None:
-        """Handle the front's messages until it stops us or goes away."""
-        while True:
-            try:
-                message = self.connection.recv()
-            except (EOFError, OSError):
-                logger.info("the front closed its end; the engine core exits")
-                return
-            kind = message[0]
-            if kind == "submit":
-                self._vision.submit(self._admit, *message[1:])
-            elif kind == "abort":
-                self._abort(message[1])
-            elif kind == "stop":
-                self.engine.stop()
-                return
+        """Handle the fronts' messages until front 0 stops us or goes away."""
+        open_clients = {client.connection: client for client in self.clients}
+        while open_clients:
+            for connection in mp_connection.wait(list(open_clients)):
+                client = open_clients[connection]
+                try:
+                    message = connection.recv()
+                except (EOFError, OSError):
+                    del open_clients[connection]
+                    if client.index == 0:
+                        logger.info("the front closed its end; the engine core exits")
+                        return
+                    self._client_gone(client)
+                    continue
+                kind = message[0]
+                if kind == "submit":
+                    self._vision.submit(self._admit, client, *message[1:])
+                elif kind == "abort":
+                    self._abort(client, message[1])
+                elif kind == "stop" and client.index == 0:
+                    self.engine.stop()
+                    return
+
+    def _client_gone(self, client: _Client) -> None:
+        """A front other than the first exited: drop what it held, serve the others."""
+        with self._lock:
+            client.closed = True
+            held = list(client.requests.values())
+            client.requests.clear()
+        log = logger.warning if held else logger.info
+        log("front %d closed its end; its %d requests are dropped", client.index, len(held))
+        for request in held:
+            self.engine.abandon(request)
 
     def _admit(
         self,
+        client: _Client,
         request_id: int,
         rows: list[Any],
         packed: list[dict | None],
@@ -174,70 +246,72 @@ class Core:
         """Encode a request's images (off the decode loop's thread) and queue its rows."""
         try:
             try:
-                prepared = self._prepared(request_id, rows, packed, streams)
+                prepared = [
+                    replace(
+                        row,
+                        inputs=self._encoded(client, tensors),
+                        on_text=self._sink(client, request_id, index) if stream else None,
+                    )
+                    for index, (row, tensors, stream) in enumerate(
+                        zip(rows, packed, streams, strict=True)
+                    )
+                ]
             finally:  # the patches have been read (or never will be): the front reuses them
-                self.send("released", request_id)
+                client.send("released", request_id)
             with self._lock:
-                if request_id in self._aborted:
-                    self._aborted.discard(request_id)
+                if request_id in client.aborted or client.closed:
+                    client.aborted.discard(request_id)
                     return
                 request = self.engine.put(prepared, arrived)
-                self._requests[request_id] = request
-        except OutOfDeviceMemory as exc:
+                client.requests[request_id] = request
+        except OutOfDeviceMemory as exc:  # the vision encoder's: retryable, one line
             logger.warning("request %s: %s", request_id, exc.reason)
-            self.send("failed", request_id, "out_of_memory", "in the vision encoder")
+            with contextlib.suppress(OSError):
+                client.send("failed", request_id, "out_of_memory", exc.where)
             return
         except Exception as exc:
             logger.exception("request %s could not be queued", request_id)
-            self.send("failed", request_id, "error", f"generation failed: {exc}")
+            with contextlib.suppress(OSError):
+                client.send("failed", request_id, "error", f"generation failed: {exc}")
             return
-        request.future.add_done_callback(lambda done: self._finished(request_id, done))
+        request.future.add_done_callback(lambda done: self._finished(client, request_id, done))
 
-    def _prepared(
-        self, request_id: int, rows: list, packed: list[dict | None], streams: list[bool]
-    ) -> list:
-        """The request's rows with their images through the vision encoder (which raises
-        `OutOfDeviceMemory` when the device is full)."""
-        return [
-            replace(
-                row,
-                inputs=self._encoded(tensors),
-                on_text=self._sink(request_id, index) if stream else None,
-            )
-            for index, (row, tensors, stream) in enumerate(zip(rows, packed, streams, strict=True))
-        ]
-
-    def _encoded(self, packed: dict | None) -> Any:
+    def _encoded(self, client: _Client, packed: dict | None) -> Any:
         """A row's inputs from the pipe, through the vision encoder. The pixel patches are
-        read in the shared arena; nothing kept refers to it."""
+        read in the front's shared arena; nothing kept refers to it."""
         if packed is None:
             return None
-        tensors = {key: self.arena.unpack(value) for key, value in packed.items()}
+        tensors = {key: client.arena.unpack(value) for key, value in packed.items()}
         return self.generator.encode_images(EncodedRow(tensors))
 
-    def _abort(self, request_id: int) -> None:
+    def _abort(self, client: _Client, request_id: int) -> None:
         with self._lock:
-            request = self._requests.pop(request_id, None)
+            request = client.requests.pop(request_id, None)
             if request is None:
-                self._aborted.add(request_id)  # still being encoded: dropped when it is
+                client.aborted.add(request_id)  # still being encoded: dropped when it is
                 return
         self.engine.abandon(request)
 
-    def _finished(self, request_id: int, done: Future) -> None:
+    def _finished(self, client: _Client, request_id: int, done: Future) -> None:
         with self._lock:
-            self._requests.pop(request_id, None)
+            client.requests.pop(request_id, None)
         error = done.exception()
-        if error is None:
-            self.send("done", request_id, done.result())
-        elif isinstance(error, DeadlineExceeded):
-            self.send("failed", request_id, "deadline", str(error.details))
-        elif isinstance(error, OutOfDeviceMemory):
-            self.send("failed", request_id, "out_of_memory", error.where)
-        else:
-            self.send("failed", request_id, "error", str(error))
+        with contextlib.suppress(OSError):  # that front is gone
+            if error is None:
+                client.send("done", request_id, done.result())
+            elif isinstance(error, DeadlineExceeded):
+                client.send("failed", request_id, "deadline", str(error.details))
+            elif isinstance(error, OutOfDeviceMemory):
+                client.send("failed", request_id, "out_of_memory", error.where)
+            else:
+                client.send("failed", request_id, "error", str(error))
 
-    def _sink(self, request_id: int, index: int) -> Any:
-        return lambda delta: self.send("text", request_id, index, delta)
+    def _sink(self, client: _Client, request_id: int, index: int) -> Any:
+        def send(delta: str) -> None:
+            with contextlib.suppress(OSError):
+                client.send("text", request_id, index, delta)
+
+        return send
 
     def _flush_metrics(self, forwarded: _MetricEvents) -> None:
         while True:
@@ -245,15 +319,19 @@ class Core:
             events = forwarded.take()
             if events:
                 try:
-                    self.send("metrics", events)
+                    self.clients[0].send("metrics", events)
                 except OSError:
                     return
 
     def _report_load(self, running_rows: int, waiting: int, running: int) -> None:
-        """Tell the front the engine's load (called when it changes, with the engine's lock
-        held, so in order)."""
-        with contextlib.suppress(OSError):
-            self.send("load", running_rows, waiting, running)
+        """Publish the engine's load to the fronts (called when it changes, with the engine's
+        lock held, so in order)."""
+        self.board.report(running_rows, waiting, running)
+        if self._gauges is not None:
+            waiting_gauge, running_gauge, utilization = self._gauges
+            waiting_gauge.set(waiting)
+            running_gauge.set(running)
+            utilization.set(min(1.0, running_rows / self._max_batch_size))
 
 
 class _MetricEvents:

@@ -12,11 +12,15 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
 from PIL import Image
 
+from predictor.inputs.images import ImageLimits, prepare_image
+from predictor.inputs.input_cache import InputCache, ProcessedImage, cache_key
+from predictor.inputs.patches import Patcher
 from predictor.params import PixelBudget
 from predictor.rows import EncodedRow, Row
 
@@ -26,13 +30,20 @@ TEXT_CACHE_SIZE = 256  # conversations whose tokenized text `Preprocessor.proces
 class Preprocessor:
     """The checkpoint's processor with a cache of tokenized conversations. Thread-safe."""
 
-    def __init__(self, processor: Any):
+    def __init__(self, processor: Any, cache_bytes: int = 0):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         # Batched generation appends new tokens on the right, so prompts are padded on the left.
         self.tokenizer.padding_side = "left"
         self.text_inputs: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
+        self._prompts: OrderedDict[str, str] = OrderedDict()  # conversation -> template text
         self._text_lock = threading.Lock()  # runs on many request threads
+        self.patcher = Patcher(processor.image_processor)
+        self.cache = InputCache(cache_bytes)
+        # The engine's dtype, once known: patches are made in it (the vision encoder casts to
+        # it anyway), so a cached entry holds half the bytes in bfloat16 and the transfer to
+        # the engine is a plain copy.
+        self.pixel_dtype = torch.float32
 
     @property
     def resize_factor(self) -> int:
@@ -50,8 +61,67 @@ class Preprocessor:
         )
 
     def prompt_text(self, row: Row) -> str:
-        return self.processor.apply_chat_template(
-            list(row.messages), tokenize=False, add_generation_prompt=True
+        """The chat template's text for the row's conversation (the last `TEXT_CACHE_SIZE`
+        kept: one prompt usually serves many requests, and the template costs 0.1 ms)."""
+        key = repr(row.messages)
+        with self._text_lock:
+            text = self._prompts.get(key)
+        if text is None:
+            text = self.processor.apply_chat_template(
+                list(row.messages), tokenize=False, add_generation_prompt=True
+            )
+            with self._text_lock:
+                self._prompts[key] = text
+                while len(self._prompts) > TEXT_CACHE_SIZE:
+                    self._prompts.popitem(last=False)
+        return text
+
+    def image(
+        self, data: bytes, limits: ImageLimits, field: str, budget: PixelBudget
+    ) -> tuple[ProcessedImage, bool]:
+        """Encoded image bytes to the model's input (decoded, checked, resized, patched), and
+        whether it came from the input cache (`predictor.inputs.input_cache`)."""
+        key = cache_key(data, budget, self.pixel_dtype) if self.cache.enabled else None
+        if key is not None:
+            cached = self.cache.get(key)
+            if cached is not None:
+                return cached, True
+        image = prepare_image(data, limits, field, budget, self.resize_factor)
+        processed = ProcessedImage(image.size, self.patcher.patches(image, self.pixel_dtype))
+        if key is not None:
+            self.cache.put(key, processed)
+        return processed, False
+
+    def encode_processed(self, row: Row, images: Sequence[ProcessedImage]) -> EncodedRow:
+        """A row's processor tensors from its conversation and its images, already processed
+        (`image`); the row itself carries no images. Its text part comes from the same cache
+        as `processed`'s; on a miss the processor runs on blank images of the same sizes (the
+        text depends only on the images' grids)."""
+        key = (self.prompt_text(row), tuple(image.size for image in images))
+        with self._text_lock:
+            text = self.text_inputs.get(key)
+            if text is not None:
+                self.text_inputs.move_to_end(key)
+        if text is None:
+            blanks = tuple(Image.new("RGB", image.size) for image in images)
+            processed = dict(self.process([replace(row, images=blanks)]))
+            text = {
+                k: v for k, v in processed.items() if k not in ("pixel_values", "image_grid_thw")
+            }
+            with self._text_lock:
+                self.text_inputs[key] = text
+                while len(self.text_inputs) > TEXT_CACHE_SIZE:
+                    self.text_inputs.popitem(last=False)
+        if not images:
+            return EncodedRow(dict(text))
+        pixels = [image.patched.pixel_values for image in images]
+        grids = [image.patched.image_grid_thw for image in images]
+        return EncodedRow(
+            {
+                **text,
+                "pixel_values": pixels[0] if len(pixels) == 1 else torch.cat(pixels),
+                "image_grid_thw": grids[0] if len(grids) == 1 else torch.cat(grids),
+            }
         )
 
     def encode(self, row: Row) -> EncodedRow:

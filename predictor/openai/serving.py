@@ -21,11 +21,10 @@ from predictor.engine.scheduler import Reservation
 from predictor.errors import InvalidRequest
 from predictor.inputs.chat_template import TemplateCheck
 from predictor.inputs.image_urls import RemotePolicy, fetch_image_url
-from predictor.inputs.images import ImageLimits, prepare_image
 from predictor.openai.protocol import ChatCompletionRequest, Message, ProcessorKwargs, Usage
 from predictor.params import PixelBudget, SamplingParams, parse_generation_params
 from predictor.protocol import Completion
-from predictor.rows import Row, check_fits
+from predictor.rows import Row
 
 MAX_STOP_STRINGS = 4  # OpenAI's own limit
 # Our parameter names in errors, as the OpenAI request calls them.
@@ -114,17 +113,9 @@ class ChatService:
         arrived = time.monotonic()
         sampling, budget = self._sampling(request)
         messages, urls = self._conversation(request.messages)
-        settings = self.model.settings
-        limits = ImageLimits(settings.max_image_bytes, settings.max_decoded_pixels)
         images = [await fetch_image_url(url, self.remote, field) for field, url in urls]
         row = await self.model.image_workers.run(
-            self._encode_row,
-            messages,
-            images,
-            [f for f, _ in urls],
-            limits,
-            sampling,
-            budget,
+            self._encode_row, messages, images, [f for f, _ in urls], sampling, budget
         )
         chat_id = f"chatcmpl-{uuid.uuid4().hex}"
         return ChatCall(request, row, chat_id, int(time.time()), arrived, reservation)
@@ -195,16 +186,9 @@ class ChatService:
             )
         return converted, urls
 
-    def _encode_row(self, messages, images, fields, limits, sampling, budget) -> Row:
-        generator = self.model.preprocessor
-        prepared = tuple(
-            prepare_image(data, limits, field, budget, generator.resize_factor)
-            for data, field in zip(images, fields, strict=True)
-        )
-        row = Row(prepared, tuple(messages), sampling)
-        row = replace(row, inputs=generator.encode(row))
-        check_fits(row, self.model.settings.max_model_len, "max_tokens")
-        return row
+    def _encode_row(self, messages, images, fields, sampling, budget) -> Row:
+        row = Row((), tuple(messages), sampling)
+        return self.model.encode_row(row, images, fields, budget, "max_tokens")
 
     async def complete(self, call: ChatCall) -> Completion:
         (completion,) = await self.model.engine.submit(

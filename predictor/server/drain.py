@@ -34,6 +34,7 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,8 @@ class Drain:
         self.timeout_s = timeout_s
         self.draining = False
         self._task: asyncio.Task | None = None
+        # Called right after the model's doors close (front 0 tells the other fronts).
+        self.on_begin: list[Callable[[], None]] = []
 
     def install(self, app: Any) -> None:
         """Take SIGTERM and SIGINT from KServe and uvicorn once the server runs.
@@ -104,6 +107,8 @@ class Drain:
     async def run(self) -> None:
         started = time.monotonic()
         self.model.begin_drain()  # first: from here on the doors refuse
+        for hook in self.on_begin:
+            hook()
         servers = self.servers()
         for server in servers:
             server.begin_drain(self.timeout_s + FLUSH_S + GRPC_GRACE_S)

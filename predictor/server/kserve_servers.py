@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from concurrent import futures
 from typing import Any
 
@@ -114,11 +115,27 @@ class LimitedRESTServer(RESTServer):
 
     client_limits = ClientLimits()
     door: Door | None = None
+    latency_logging = True  # KServe's --enable_latency_logging
+    reuse_port = False  # several front processes on one port (predictor.server.fronts)
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.config.http = door_protocol(self.client_limits, self.door)
         self._server = DrainingServer(self.config)
+
+    async def start(self) -> None:
+        """KServe's start, on a listening socket of our own with SO_REUSEPORT when several
+        fronts share the port (uvicorn binds without it)."""
+        if not self.reuse_port:
+            await super().start()
+            return
+        self.create_application()
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        listener.bind((self.config.host, self.config.port))
+        logger.info("REST listening on port %d with SO_REUSEPORT", self.config.port)
+        await self._server.serve(sockets=[listener])
 
     def begin_drain(self, grace_s: float) -> None:
         """Connection: close on every response from now on; idle kept-alive ones close."""
@@ -138,8 +155,17 @@ class LimitedRESTServer(RESTServer):
 
     def _add_middlewares(self, app: Any) -> None:
         """KServe's, with its timing log's metric names escaped: they are built from the
-        request path, and a path with an encoded newline would forge a log line."""
+        request path, and a path with an encoded newline would forge a log line.
+
+        KServe adds that timing middleware whether latency logging is on or not; off (this
+        server's default), it is removed: it called `getrusage` twice a request (a walk over
+        every thread of the process) and matched the path against every route again, about
+        a tenth of the event loop's time per request, for two log lines nobody asked for."""
         super()._add_middlewares(app)
+        if not self.latency_logging:
+            app.user_middleware[:] = [
+                m for m in app.user_middleware if m.cls is not TimingMiddleware
+            ]
         for middleware in app.user_middleware:
             if middleware.cls is TimingMiddleware:
                 namer = middleware.kwargs["metric_namer"]
@@ -202,12 +228,14 @@ def install(
     limits: ClientLimits,
     door: Door | None = None,
     grpc_door: GrpcDoor | None = None,
+    latency_logging: bool = True,
 ) -> None:
     """Make `kserve.model_server.ModelServer.start()` build these servers with `limits` and
     their doors."""
     check_uvicorn()
     LimitedRESTServer.client_limits = limits
     LimitedRESTServer.door = door
+    LimitedRESTServer.latency_logging = latency_logging
     QuietGRPCServer.door = grpc_door
     QuietGRPCServer.handshake_timeout_s = limits.header_timeout_s
     kserve_model_server.RESTServer = LimitedRESTServer
@@ -228,6 +256,7 @@ def harden(server: Any, kserve_model_server: Any, model: Any, settings: Settings
         max_body_bytes=request_bytes_limit(settings),
     )
     door = Door(model.admit, model.name, lambda: model.draining)
-    install(kserve_model_server, limits, door, GrpcDoor(model.admit, model.name))
+    grpc_door = GrpcDoor(model.admit, model.name)
+    install(kserve_model_server, limits, door, grpc_door, server.enable_latency_logging)
     # Added last, so it runs first (the door's 503s never reach it: the door logs them).
     kserve_model_server.app.add_middleware(RequestLogMiddleware, model_name=model.name)

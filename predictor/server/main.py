@@ -13,6 +13,7 @@ import gc
 import logging
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
@@ -20,15 +21,21 @@ from predictor.errors import StartupError
 from predictor.server.request_limits import raise_grpc_message_limits, request_bytes_limit
 from predictor.settings import Settings, build_parser
 
+if TYPE_CHECKING:
+    from predictor.engine.client import FrontLink
+
 logger = logging.getLogger("predictor")
 
 GIL_SWITCH_INTERVAL_S = 0.001
 
 
-def _configure_logging() -> None:
+def _configure_logging(front: int = 0) -> None:
     if not logger.handlers:
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        where = f" [front {front}]" if front else ""
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s %(levelname)s %(name)s{where}: %(message)s")
+        )
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
@@ -58,10 +65,17 @@ def argument_parser() -> argparse.ArgumentParser:
     # Imported here: KServe parses sys.argv when its model_server module is imported.
     from kserve import model_server as kserve_server
 
-    return build_parser(parents=[kserve_server.parser])
+    parser = build_parser(parents=[kserve_server.parser])
+    # KServe logs three lines per request when on (two from a timing middleware that also
+    # reads the process's CPU time twice a request); the predictor's own line per request
+    # already has its id, decode and generate times, and uvicorn's access log its status.
+    parser.set_defaults(enable_latency_logging=False)
+    return parser
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None, link: FrontLink | None = None) -> None:
+    """Serve: front 0 (what `python -m predictor` runs) starts the engine core and, with
+    `--workers N`, the other fronts, which call this with the `link` to that core."""
     from kserve import ModelServer
     from kserve import model_server as kserve_server
 
@@ -70,6 +84,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from predictor.model import QwenVLModel
     from predictor.openai.router import register_openai_routes
     from predictor.openai.serving import ChatService
+    from predictor.server import fronts, kserve_servers
     from predictor.server.drain import Drain
     from predictor.server.fail_fast import FailFast
     from predictor.server.kserve_servers import harden
@@ -83,9 +98,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         settings = Settings.from_args(args)
     except ValueError as exc:
         parser.error(str(exc))
-    if args.workers != 1:
-        parser.error("--workers must be 1: one process owns the model and its device")
-    _configure_logging()
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    if args.workers > 1 and not settings.engine_process:
+        parser.error("--workers above 1 needs --engine_process true: one process owns the model")
+    if args.workers > 1 and link is None:
+        fronts.multiprocess_metrics_dir(sys.argv[1:] if argv is None else argv)
+    _configure_logging(0 if link is None else link.index)
     raise_grpc_message_limits(kserve_server.args, settings)
     # The engine thread runs Python between tensor operations; a shorter GIL switch interval
     # (default 5 ms) lets the event loop answer health checks and 503s promptly meanwhile.
@@ -93,7 +112,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     # Pillow's own decompression-bomb guard, lowered to ours (it also guards other readers).
     Image.MAX_IMAGE_PIXELS = settings.max_decoded_pixels
 
-    model = QwenVLModel(settings)
+    model = QwenVLModel(settings, fronts=args.workers, link=link)
+    others = None  # the other fronts, when this is front 0 of several
+    if args.workers > 1 and link is None:
+        others = fronts.Fronts(sys.argv[1:] if argv is None else argv, run_front)
+        others.on_death = model.fail
+
+        def start_other_fronts(engine: Any) -> None:
+            others.start(engine.sibling_links)
+            engine.release_sibling_links()
+
+        model.on_engine_started = start_other_fronts
     try:
         use_event_loop(args.event_loop)
         model.load()
@@ -115,6 +144,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         timeout_keep_alive=args.timeout_keep_alive,
     )
     harden(server, kserve_server, model, settings)
+    if args.workers > 1:  # every front listens on the ports; the kernel spreads connections
+        kserve_servers.LimitedRESTServer.reuse_port = True
+        fronts.register_metrics_route(kserve_server.app)
     register_infer_routes(kserve_server.app, server.dataplane, request_bytes_limit(settings))
     register_config_routes(kserve_server.app, server.dataplane)
     remote = RemotePolicy(
@@ -135,15 +167,31 @@ def main(argv: Sequence[str] | None = None) -> None:
     # Everything built so far (the model, transformers, KServe, FastAPI: about half a million
     # objects) lives as long as the process; frozen, the garbage collector's full passes,
     # which would otherwise walk all of them and stall a request for ~0.1 s, skip them.
-    Drain(server, model, settings.drain_timeout_s).install(kserve_server.app)
+    drain = Drain(server, model, settings.drain_timeout_s)
+    if others is not None:
+        drain.on_begin.append(others.begin_drain)
+    drain.install(kserve_server.app)
     FailFast(server, model).install(kserve_server.app)
     gc.collect()
     gc.freeze()
     try:
         server.start([model])  # returns once the drain has stopped both servers
     finally:
+        if others is not None:  # their drains answer what they accepted: the engine waits
+            others.join(settings.drain_timeout_s + fronts.KILL_AFTER_S)
         model.stop()  # the engine (and its process) last, with nothing left to serve
+        if link is None:
+            fronts.remove_metrics_dir()
         logger.info("stopped")
+
+
+def run_front(argv: Sequence[str], link: FrontLink) -> None:
+    """A front other than the first (`predictor.server.fronts`): the same server, attached
+    to front 0's engine core."""
+    from predictor.engine import core as engine_core
+
+    engine_core._exit_with_parent()  # no front outlives the first (nor the core it started)
+    main(argv, link=link)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import orjson
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse, ORJSONResponse
+from fastapi.responses import JSONResponse
 from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.infer_type import InferInput, InferRequest, RequestedOutput
 
@@ -153,6 +153,15 @@ def parse_rest_request(body: bytes, header_length: str | None, model_name: str) 
     )
 
 
+def json_response(content: Any, headers: dict[str, str] | None = None) -> Response:
+    """`content` as JSON, encoded with orjson. FastAPI's `ORJSONResponse` does the same but
+    is deprecated: it warns at every response, and since the image decoder's
+    `warnings.catch_warnings` resets the once-per-location registry, the warning's text went
+    to the log at a third of all requests."""
+    body = orjson.dumps(content, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY)
+    return Response(body, media_type="application/json", headers=headers)
+
+
 async def unavailable_handler(_: Request, exc: Unavailable) -> JSONResponse:
     return JSONResponse(
         status_code=503,
@@ -180,7 +189,7 @@ def register_infer_routes(app: FastAPI, dataplane: DataPlane, max_body_bytes: in
             return Response(
                 content=encoded, media_type="application/octet-stream", headers=response_headers
             )
-        return ORJSONResponse(content=encoded, headers=response_headers)
+        return json_response(encoded, response_headers)
 
     async def infer(request: Request, model_name: str, model_version: str | None = None) -> Any:
         declared = request.headers.get("content-length")
@@ -208,9 +217,9 @@ def register_config_routes(app: FastAPI, dataplane: DataPlane) -> None:
     """Triton's model-configuration extension, `GET /v2/models/{name}[/versions/{v}]/config`
     (see `predictor.server.triton_config`); an unknown model is KServe's 404."""
 
-    async def config(model_name: str, model_version: str | None = None) -> ORJSONResponse:
+    async def config(model_name: str, model_version: str | None = None) -> Response:
         model = dataplane.get_model_from_registry(model_name)
-        return ORJSONResponse(model_config(model.name))
+        return json_response(model_config(model.name))
 
     for path in (
         "/v2/models/{model_name}/config",

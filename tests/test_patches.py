@@ -1,0 +1,160 @@
+"""The front's own pixel patches (`predictor.inputs.patches`) equal the checkpoint's image
+processor's output, cast to the engine's dtype, bit for bit, and the input cache
+(`predictor.inputs.input_cache`) keeps what it should: hit, bound, another budget a miss."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from predictor.inputs.images import ImageLimits, prepare_image
+from predictor.inputs.input_cache import InputCache, ProcessedImage, cache_key
+from predictor.inputs.patches import Patched, Patcher
+from predictor.params import PixelBudget
+from tests import images
+
+FAMILIES = ("qwen3-vl", "qwen2.5-vl", "qwen2-vl")
+
+
+@pytest.fixture(scope="module")
+def image_processors() -> dict:
+    """Each family's image processor, from its real preprocessor_config.json."""
+    from transformers import Qwen2VLImageProcessor
+
+    from hack.make_tiny_model import PREPROCESSOR_CONFIGS
+
+    return {
+        family: Qwen2VLImageProcessor(
+            **{k: v for k, v in config.items() if not k.endswith(("processor_class", "type"))}
+        )
+        for family, config in PREPROCESSOR_CONFIGS.items()
+    }
+
+
+def _noise(size: tuple[int, int], seed: int = 0) -> Image.Image:
+    """Every channel value appears: noise over the whole 0-255 range."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_patches_equal_the_image_processors(image_processors, family, dtype) -> None:
+    processor = image_processors[family]
+    patcher = Patcher(processor)
+    assert patcher.fast
+    factor = processor.patch_size * processor.merge_size
+    for width, height in ((factor, factor), (448, 448), (640, 480), (factor * 3, factor * 11)):
+        image = _noise((width, height), seed=width)
+        pixels = width * height
+        reference = processor(
+            images=[image],
+            size={"shortest_edge": pixels, "longest_edge": pixels},
+            return_tensors="pt",
+        )
+        patched = patcher.patches(image, dtype)
+        assert patched.pixel_values.dtype == dtype
+        assert torch.equal(patched.pixel_values, reference["pixel_values"].to(dtype)), (
+            width,
+            height,
+        )
+        assert torch.equal(patched.image_grid_thw, reference["image_grid_thw"])
+
+
+def test_an_image_off_the_grid_goes_through_the_processor(image_processors) -> None:
+    """Not a model-input size (never the case on the request path): the processor's own
+    path, which resizes it."""
+    processor = image_processors["qwen3-vl"]
+    image = _noise((100, 70))
+    patched = Patcher(processor).patches(image)
+    reference = processor(images=[image], size={"shortest_edge": 7000, "longest_edge": 7000})
+    assert torch.equal(patched.image_grid_thw, torch.as_tensor(reference["image_grid_thw"]))
+
+
+def _entry(megabytes: float) -> ProcessedImage:
+    values = torch.zeros(int(megabytes * 1024 * 1024 / 4), dtype=torch.float32)
+    return ProcessedImage((32, 32), Patched(values.view(-1, 1), torch.tensor([[1, 2, 2]])))
+
+
+def test_the_key_is_the_bytes_the_budget_and_the_dtype() -> None:
+    budget = PixelBudget(65_536, 1_003_520)
+    data = images.jpeg()
+    key = cache_key(data, budget, torch.bfloat16)
+    assert key == cache_key(bytes(data), budget, torch.bfloat16)
+    assert key != cache_key(data + b"\0", budget, torch.bfloat16)
+    assert key != cache_key(data, PixelBudget(65_536, 262_144), torch.bfloat16)
+    assert key != cache_key(data, PixelBudget(4_096, 1_003_520), torch.bfloat16)
+    assert key != cache_key(data, budget, torch.float32)
+
+
+def test_the_cache_is_bounded_by_bytes_least_recently_used_first() -> None:
+    cache = InputCache(3 * 1024 * 1024)
+    for name in "abc":
+        cache.put((name.encode(), 0, 0, ""), _entry(1))
+    assert len(cache) == 3 and cache.bytes == 3 * 1024 * 1024
+    assert cache.get((b"a", 0, 0, "")) is not None  # a is now the most recent
+    cache.put((b"d", 0, 0, ""), _entry(1))
+    assert cache.get((b"b", 0, 0, "")) is None  # b was the least recently used
+    assert {k for k in (b"a", b"c", b"d") if cache.get((k, 0, 0, ""))} == {b"a", b"c", b"d"}
+    cache.put((b"big", 0, 0, ""), _entry(4))  # larger than the whole bound: not kept
+    assert cache.get((b"big", 0, 0, "")) is None and len(cache) == 3
+    assert cache.bytes <= cache.max_bytes
+
+
+def test_a_cache_of_zero_bytes_is_off() -> None:
+    cache = InputCache(0)
+    assert not cache.enabled
+    cache.put((b"a", 0, 0, ""), _entry(0.001))
+    assert len(cache) == 0
+
+
+@pytest.fixture(scope="module")
+def preprocessor(tiny_qwen3_vl):
+    from predictor.engine.loading import load_processor
+    from predictor.inputs.preprocessing import Preprocessor
+    from predictor.settings import Settings
+
+    return Preprocessor(load_processor(Settings(model_dir=str(tiny_qwen3_vl))), 64 * 1024 * 1024)
+
+
+def test_the_same_bytes_hit_and_another_budget_misses(preprocessor) -> None:
+    limits = ImageLimits(10_000_000, 50_000_000)
+    data = images.encode(_noise((640, 480)), "JPEG", quality=90)
+    budget = preprocessor.default_budget
+    first, hit = preprocessor.image(data, limits, "image", budget)
+    assert not hit
+    again, hit = preprocessor.image(data, limits, "image", budget)
+    assert hit and again is first
+    smaller = PixelBudget(budget.min_pixels, 65_536)
+    other, hit = preprocessor.image(data, limits, "image", smaller)
+    assert not hit and other.size != first.size
+    _, hit = preprocessor.image(data, limits, "image", smaller)
+    assert hit
+    # What a hit returns is what decoding and patching the bytes gives.
+    image = prepare_image(data, limits, "image", budget, preprocessor.resize_factor)
+    fresh = preprocessor.patcher.patches(image, preprocessor.pixel_dtype)
+    assert torch.equal(again.patched.pixel_values, fresh.pixel_values)
+
+
+def test_encoded_rows_equal_the_processors(preprocessor) -> None:
+    """A row encoded from processed images (text from blank images of the same size, patches
+    from the patcher) equals the processor run on the row with its real image."""
+    from predictor.params import SamplingParams
+    from predictor.rows import Row
+
+    limits = ImageLimits(10_000_000, 50_000_000)
+    data = images.encode(_noise((500, 300), seed=3), "PNG")
+    budget = preprocessor.default_budget
+    processed, _ = preprocessor.image(data, limits, "image", budget)
+    image = prepare_image(data, limits, "image", budget, preprocessor.resize_factor)
+    sampling = SamplingParams(max_new_tokens=8)
+    with_image = Row.single(image, "What is this?", sampling)
+    without = Row((), with_image.messages, sampling)
+    for _ in range(2):  # the text cache's miss, then its hit
+        encoded = preprocessor.encode_processed(without, [processed]).tensors
+        reference = dict(preprocessor.process([with_image]))
+        assert encoded.keys() == reference.keys()
+        for key, value in reference.items():
+            assert torch.equal(encoded[key], value), key
