@@ -24,7 +24,13 @@ from predictor import metrics
 from predictor.engine.client import RemoteEngine
 from predictor.engine.decode_step import configure_compile_cache
 from predictor.engine.generation import Generator
-from predictor.engine.loading import load_checkpoint_sampling, load_model, load_processor
+from predictor.engine.loading import (
+    load_checkpoint_sampling,
+    load_model,
+    load_processor,
+    load_vocab_size,
+    vocab_size,
+)
 from predictor.engine.scheduler import Engine, EngineConfig, Reservation
 from predictor.errors import (
     EngineUnavailable,
@@ -34,10 +40,11 @@ from predictor.errors import (
     StartupError,
     Unavailable,
 )
+from predictor.inputs.guides import CompiledGuide, GuideCompiler
 from predictor.inputs.image_workers import ImageWorkers
 from predictor.inputs.images import ImageLimits, prepare_image
 from predictor.inputs.preprocessing import Preprocessor
-from predictor.params import PixelBudget, RequestLimits, sampling_defaults
+from predictor.params import PixelBudget, RequestLimits, SamplingParams, sampling_defaults
 from predictor.protocol import (
     INPUT_METADATA,
     OUTPUT_METADATA,
@@ -105,6 +112,7 @@ class QwenVLModel(Model):
         self.generator: Generator | None = None  # in-process layout only
         self.preprocessor: Generator | Preprocessor | None = None  # encodes rows for the engine
         self.engine: Engine | RemoteEngine | None = None
+        self.guides: GuideCompiler | None = None  # guided decoding: compiles requests' guides
         self.engine_failed: str | None = None  # why the engine process died, if it did
         # Called with that reason when it dies, on the engine's reader thread.
         self.death_listeners: list[Callable[[str], None]] = []
@@ -136,6 +144,7 @@ class QwenVLModel(Model):
             loaded.model, loaded.processor, trace_vision=self.settings.trace_vision
         )
         self.preprocessor = self.generator
+        self.guides = self._guide_compiler(vocab_size(loaded.model.config))
         self.limits = self._request_limits(
             self.generator.default_budget, self.generator.checkpoint_sampling
         )
@@ -158,6 +167,7 @@ class QwenVLModel(Model):
         # (6 request threads x 2 OpenMP threads on 2 cores made the processor 4x slower).
         torch.set_num_threads(1)
         self.preprocessor = Preprocessor(load_processor(self.settings))
+        self.guides = self._guide_compiler(load_vocab_size(self.settings))
         self.limits = self._request_limits(
             self.preprocessor.default_budget, load_checkpoint_sampling(self.settings)
         )
@@ -173,6 +183,20 @@ class QwenVLModel(Model):
         self.loaded_at = time.time()
         logger.info("model %s ready in %d ms", self.name, _ms(started))
         return self.ready
+
+    def _guide_compiler(self, vocab: int) -> GuideCompiler:
+        assert self.preprocessor is not None
+        timeout = self.settings.guide_compile_timeout_s
+        return GuideCompiler(self.preprocessor.tokenizer, vocab, timeout_s=timeout)
+
+    def compile_guide(self, sampling: SamplingParams) -> CompiledGuide | None:
+        """The request's guide compiled (cached by content), or None for a free request;
+        blocks, so it runs on the image worker threads. A guide that does not compile in
+        time is a 400 naming its field."""
+        if sampling.guide is None:
+            return None
+        assert self.guides is not None, "compile_guide before load"
+        return self.guides.compile(sampling.guide)
 
     def _engine_died(self, detail: str) -> None:
         """The engine process is gone and will not come back: stop saying ready or live, and
@@ -200,6 +224,7 @@ class QwenVLModel(Model):
             max_images_per_request=self.settings.max_images_per_request,
             sampling_defaults=sampling,
             max_model_len=self.settings.max_model_len,
+            max_guide_bytes=self.settings.max_guide_bytes,
         )
 
     def stop(self) -> None:
@@ -209,6 +234,8 @@ class QwenVLModel(Model):
         self._stopped = True
         if self.engine is not None:
             self.engine.stop()
+        if self.guides is not None:
+            self.guides.close()
         super().stop()
 
     @property
@@ -325,13 +352,14 @@ class QwenVLModel(Model):
         """Decode, resize and encode every image of a request (runs on a worker thread)."""
         generator = self.preprocessor
         assert generator is not None
+        grammar = self.compile_guide(parsed.sampling)  # before the images: a 400 costs less
         rows = []
         for index, (data, prompt) in enumerate(zip(parsed.images, parsed.prompts, strict=True)):
             field = f"image[{index}]"
             image = prepare_image(
                 data, self.image_limits, field, parsed.budget, generator.resize_factor
             )
-            row = Row.single(image, prompt, parsed.sampling)
+            row = Row.single(image, prompt, parsed.sampling, grammar=grammar)
             row = replace(row, inputs=generator.encode(row))
             check_fits(row, self.settings.max_model_len, "max_new_tokens")
             rows.append(row)

@@ -46,6 +46,7 @@ from typing import Any
 
 from predictor.engine.transfer import SharedArena
 from predictor.errors import DeadlineExceeded
+from predictor.inputs.guides import GuideCompiler
 from predictor.inputs.image_workers import ImageWorkers
 from predictor.rows import EncodedRow
 from predictor.settings import Settings
@@ -105,6 +106,10 @@ class Core:
         # loop's: a step for every running row comes before one more row's features.
         self._vision = ImageWorkers(VISION_THREADS, name="vision")
         engine.on_load = self._report_load
+        # Guided rows' grammars arrive serialised (compiled by the front): read back, cached.
+        from predictor.engine.loading import vocab_size
+
+        self.guides = GuideCompiler(generator.tokenizer, vocab_size(generator.model.config))
 
     @classmethod
     def load(cls, settings: Settings, connection: Any, arena: SharedArena) -> Core:
@@ -179,6 +184,7 @@ class Core:
                         row,
                         inputs=self._encoded(tensors),
                         on_text=self._sink(request_id, index) if stream else None,
+                        grammar=self.guides.resolve(row.grammar) if row.grammar else None,
                     )
                     for index, (row, tensors, stream) in enumerate(
                         zip(rows, packed, streams, strict=True)

@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 from transformers import DynamicCache, RepetitionPenaltyLogitsProcessor
 
+from predictor.engine import grammar
 from predictor.engine.decode_step import SPAN_STEP, DecodeStep, batch_buckets, bucket_for, span_for
 from predictor.engine.generation import Generator, _RowState
 from predictor.inputs.images import fit_to_budget
@@ -150,6 +151,7 @@ class _Member:
     length: int = 0  # tokens in its cache slot
     position: int = 0  # the rotary position of its next token
     token: int = 0  # its last token, the input of the next step
+    constraint: grammar.Constraint | None = None  # guided decoding: its grammar's matcher
 
     def done(self) -> bool:
         return self.state.finished or (self.stop_check is not None and self.stop_check())
@@ -237,9 +239,11 @@ class RunningBatch:
                 lengths[i],
                 length=lengths[i],
                 position=int(next_positions[i]),
+                constraint=grammar.constraint_for(row, self.generator.stop_token_ids),
             )
             for i, (row, owner, check) in enumerate(zip(rows, owners, stop_checks, strict=True))
         ]
+        logits = grammar.mask(members, logits)  # guided rows: only what their grammar allows
         tokens = self._pick(members, logits)
         first = len(self.members)
         for index, member in enumerate(members):
@@ -249,6 +253,7 @@ class RunningBatch:
                     slot, layer, cached.keys[index, :, -length:], cached.values[index, :, -length:]
                 )
         _feed(members, tokens)
+        grammar.advance(members, tokens)
         self.members = self.members + members
         return self._retire()
 
@@ -275,11 +280,13 @@ class RunningBatch:
         ).to(self.generator.device)
         span = span_for(max(lengths) + 1, self.max_len)
         logits = self.decode(inputs[0], inputs[1], inputs[2], span)[:count]
+        logits = grammar.mask(self.members, logits)  # guided rows: only what their grammar allows
         tokens = self._pick(self.members, logits)
         for member in self.members:
             member.length += 1
             member.position += 1
         _feed(self.members, tokens)
+        grammar.advance(self.members, tokens)
         return self._retire()
 
     @torch.inference_mode()
