@@ -1,0 +1,248 @@
+"""Guided decoding without a server: parsing the v2 guide parameters, compiling guides (errors
+naming the field, the cache, the compile-time limit, the unsupported schema keywords), the
+guide crossing to the engine process, and the logit mask against xgrammar's own."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import xgrammar
+from transformers import AutoTokenizer
+
+from predictor.engine import grammar
+from predictor.errors import InvalidRequest
+from predictor.inputs.guides import GuideCompiler, check_schema, tokenizer_info
+from predictor.params import (
+    ANY_JSON_SCHEMA,
+    Guide,
+    PixelBudget,
+    RequestLimits,
+    parse_generation_params,
+    parse_guide,
+)
+
+VOCAB = 151936  # the tiny checkpoints' logits, as Qwen's
+LIMITS = RequestLimits(
+    max_new_tokens=16,
+    max_new_tokens_limit=64,
+    default_budget=PixelBudget(4096, 100_000),
+    max_pixels_limit=100_000,
+    max_images_per_request=4,
+    max_guide_bytes=1000,
+)
+SCHEMA = {
+    "type": "object",
+    "properties": {"caption": {"type": "string"}, "count": {"type": "integer"}},
+    "required": ["caption", "count"],
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_qwen3_vl: Path):
+    return AutoTokenizer.from_pretrained(tiny_qwen3_vl)
+
+
+@pytest.fixture(scope="module")
+def compiler(tokenizer) -> GuideCompiler:
+    guides = GuideCompiler(tokenizer, VOCAB, timeout_s=0.05)
+    yield guides
+    guides.close()
+
+
+def field_of(call) -> str:
+    with pytest.raises(InvalidRequest) as refused:
+        call()
+    return refused.value.field
+
+
+# ---- parameters ------------------------------------------------------------------------
+
+
+def test_v2_guide_parameters_become_a_guide() -> None:
+    assert parse_guide(None, None) is None
+    assert parse_guide("regex", "[a-z]+") == Guide("regex", "[a-z]+")
+    assert parse_guide("ebnf_grammar", 'root ::= "a"').kind == "ebnf"
+    assert parse_guide("json", None) == Guide("json_schema", ANY_JSON_SCHEMA)
+    sampling, _ = parse_generation_params(
+        {"guided_decoding_guide_type": "json_schema", "guided_decoding_guide": "{}"}, LIMITS
+    )
+    assert sampling.guide == Guide("json_schema", "{}")
+
+
+@pytest.mark.parametrize(
+    ("guide_type", "guide", "field"),
+    [
+        (None, "[a-z]+", "guided_decoding_guide_type"),  # a guide without a type
+        ("xml", "x", "guided_decoding_guide_type"),
+        (3, "x", "guided_decoding_guide_type"),
+        ("regex", None, "guided_decoding_guide"),
+        ("regex", "", "guided_decoding_guide"),
+        ("json", "{}", "guided_decoding_guide"),  # json takes no guide
+        ("regex", "a" * 1001, "guided_decoding_guide"),  # over --max_guide_bytes
+    ],
+)
+def test_bad_v2_guide_parameters_name_the_field(guide_type, guide, field: str) -> None:
+    params = {"guided_decoding_guide_type": guide_type, "guided_decoding_guide": guide}
+    params = {k: v for k, v in params.items() if v is not None}
+    assert field_of(lambda: parse_generation_params(params, LIMITS)) == field
+
+
+def test_a_guide_cannot_be_combined_with_a_fixed_length() -> None:
+    guide = {"guided_decoding_guide_type": "regex", "guided_decoding_guide": "a+"}
+    assert field_of(lambda: parse_generation_params({**guide, "min_new_tokens": 2}, LIMITS)) == (
+        "min_new_tokens"
+    )
+    assert field_of(lambda: parse_generation_params({**guide, "ignore_eos": True}, LIMITS)) == (
+        "ignore_eos"
+    )
+
+
+def test_a_choice_list_must_hold_non_empty_strings() -> None:
+    assert json.loads(Guide.choice(["a", 'b "c"'], "f").text) == ["a", 'b "c"']
+    assert field_of(lambda: Guide.choice([], "structured_outputs.choice")) == (
+        "structured_outputs.choice"
+    )
+    assert field_of(lambda: Guide.choice(["a", ""], "f")) == "f"
+
+
+# ---- compiling -------------------------------------------------------------------------
+
+
+def test_each_kind_compiles_and_the_cache_returns_the_same_grammar(
+    compiler: GuideCompiler,
+) -> None:
+    guides = [
+        Guide("json_schema", json.dumps(SCHEMA)),
+        Guide("regex", r"(cat|dog)s? [0-9]{1,3}"),
+        Guide.choice(["red", "green", 'a "quoted" one'], "choice"),
+        Guide("ebnf", 'root ::= "yes" | "no"'),
+    ]
+    for guide in guides:
+        compiled = compiler.compile(guide)
+        assert compiled.grammar is not None and compiled.key == guide.key
+        assert compiler.compile(Guide(guide.kind, guide.text)) is compiled  # by content
+
+
+@pytest.mark.parametrize(
+    ("kind", "text", "says"),
+    [
+        ("regex", "(ab", "is not a valid regex"),
+        ("ebnf", "root ::= foo", "is not a valid EBNF grammar"),
+        ("json_schema", "{bad", "is not valid JSON"),
+        ("json_schema", '{"type": "foo"}', 'Unsupported type "foo"'),
+        ("json_schema", "[]", "must be a JSON Schema object or boolean"),
+        ("json_schema", '{"not": {"type": "string"}}', "uses 'not'"),
+        ("json_schema", '{"properties": {"a": {"if": {}}}}', "(at properties.a)"),
+        ("json_schema", '{"type": "array", "uniqueItems": true}', "uniqueItems"),
+        ("json_schema", '{"type": "number", "multipleOf": 0.5}', "integers only"),
+        ("json_schema", '{"$ref": "https://example.com/s.json"}', "only references within"),
+        ("json_schema", '{"allOf": [{"type": "object"}, {"required": ["a"]}]}', "allOf"),
+        ("json_schema", '{"items": ' * 40 + "{}" + "}" * 40, "nests deeper than 32"),
+    ],
+)
+def test_a_guide_that_does_not_compile_is_refused_naming_its_field(
+    compiler: GuideCompiler, kind: str, text: str, says: str
+) -> None:
+    with pytest.raises(InvalidRequest) as refused:
+        compiler.compile(Guide(kind, text, "response_format.json_schema.schema"))
+    assert refused.value.field == "response_format.json_schema.schema"
+    assert says in str(refused.value)
+    assert "\n" not in str(refused.value) and ".cc:" not in str(refused.value)
+
+
+def test_a_compile_past_its_limit_is_refused_and_remembered(compiler: GuideCompiler) -> None:
+    slow = Guide("regex", ".{0,3000}", "guided_decoding_guide")  # seconds for this vocabulary
+    with pytest.raises(InvalidRequest, match=r"did not compile within 0\.05 s"):
+        compiler.compile(slow)
+    # The compile finishes in the background and is refused from then on, at once.
+    deadline = time.monotonic() + 120
+    while slow.key not in compiler._refused and time.monotonic() < deadline:
+        time.sleep(0.05)
+    started = time.monotonic()
+    with pytest.raises(InvalidRequest, match="did not compile within"):
+        compiler.compile(slow)
+    assert time.monotonic() - started < 0.05
+
+
+def test_check_schema_accepts_what_pydantic_writes() -> None:
+    from pydantic import BaseModel, Field
+
+    class Tag(BaseModel):
+        name: str
+        score: float = Field(ge=0, le=1)
+
+    class Caption(BaseModel):
+        caption: str = Field(max_length=80)
+        tags: list[Tag] = Field(max_length=3)
+        kind: str | None = None
+
+    check_schema(json.dumps(Caption.model_json_schema()))
+
+
+# ---- the vocabulary and the process boundary -------------------------------------------
+
+
+def test_no_guide_can_emit_a_special_token_as_text(tokenizer) -> None:
+    info = tokenizer_info(tokenizer, VOCAB)
+    matcher = xgrammar.GrammarMatcher(xgrammar.GrammarCompiler(info).compile_regex(".{1,16}"))
+    bitmask = xgrammar.allocate_token_bitmask(1, VOCAB)
+    matcher.fill_next_token_bitmask(bitmask)
+    allowed = grammar.penalties(bitmask, VOCAB, torch.float32, torch.device("cpu"))[0] == 0
+    for token in ("<|im_end|>", "<|im_start|>", "<|vision_pad|>", "<|endoftext|>"):
+        assert not allowed[tokenizer.convert_tokens_to_ids(token)], token
+    assert allowed[tokenizer.convert_tokens_to_ids("a")]
+    assert not matcher.accept_token(tokenizer.convert_tokens_to_ids("<|im_end|>"))
+
+
+def test_a_compiled_guide_crosses_the_pipe_as_its_serialised_form(
+    compiler: GuideCompiler, tokenizer
+) -> None:
+    compiled = compiler.compile(Guide("regex", "[0-9]{3}"))
+    crossed = pickle.loads(pickle.dumps(compiled))
+    assert crossed.grammar is None and crossed.key == compiled.key
+    other_side = GuideCompiler(tokenizer, VOCAB)  # the engine process's
+    resolved = other_side.resolve(crossed)
+    assert other_side.resolve(pickle.loads(pickle.dumps(compiled))) is resolved  # cached
+    matcher = xgrammar.GrammarMatcher(resolved.grammar)
+    for token in tokenizer.encode("123", add_special_tokens=False):
+        assert matcher.accept_token(token)
+    assert matcher.is_completed()
+    other_side.close()
+
+
+# ---- the mask --------------------------------------------------------------------------
+
+
+def test_the_mask_is_xgrammar_s_own() -> None:
+    generator = torch.Generator().manual_seed(0)
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (5, (VOCAB + 31) // 32), dtype=torch.int32)
+    logits = torch.randn((5, VOCAB), generator=generator)
+    expected = logits.clone()
+    xgrammar.apply_token_bitmask_inplace(expected, bitmask, backend="torch_native")
+    ours = logits + grammar.penalties(bitmask, VOCAB, torch.float32, logits.device)
+    assert torch.equal(ours, expected)
+    bf16 = logits.bfloat16()
+    assert torch.equal(
+        torch.isinf(bf16 + grammar.penalties(bitmask, VOCAB, torch.bfloat16, logits.device)),
+        torch.isinf(expected),
+    )
+
+
+class _Member:
+    def __init__(self, constraint):
+        self.constraint = constraint
+
+
+def test_free_rows_are_left_alone(compiler: GuideCompiler) -> None:
+    logits = torch.randn((3, VOCAB))
+    before = logits.clone()
+    assert grammar.mask([_Member(None)] * 3, logits) is logits and torch.equal(logits, before)
+    constraint = grammar.Constraint(compiler.compile(Guide("regex", "[0-9]")), [151645])
+    grammar.mask([_Member(None), _Member(constraint), _Member(None)], logits)
+    assert torch.equal(logits[0], before[0]) and torch.equal(logits[2], before[2])
+    assert int(torch.isfinite(logits[1]).sum()) == 10  # the digits' tokens
