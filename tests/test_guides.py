@@ -188,7 +188,7 @@ def test_check_schema_accepts_what_pydantic_writes() -> None:
 
 
 def test_no_guide_can_emit_a_special_token_as_text(tokenizer) -> None:
-    info = tokenizer_info(tokenizer, VOCAB)
+    info = tokenizer_info(tokenizer, VOCAB)[False]
     matcher = xgrammar.GrammarMatcher(xgrammar.GrammarCompiler(info).compile_regex(".{1,16}"))
     bitmask = xgrammar.allocate_token_bitmask(1, VOCAB)
     matcher.fill_next_token_bitmask(bitmask)
@@ -199,10 +199,24 @@ def test_no_guide_can_emit_a_special_token_as_text(tokenizer) -> None:
     assert not matcher.accept_token(tokenizer.convert_tokens_to_ids("<|im_end|>"))
 
 
+def test_json_strings_hold_no_raw_control_character(compiler: GuideCompiler, tokenizer) -> None:
+    # xgrammar 0.2.9 writes a length-bounded string's characters as [^"\\\r\n], which would
+    # let "\x1f" through and make the JSON unparseable; JSON's vocabulary has no such token.
+    control = tokenizer.convert_tokens_to_ids("ğ")  # byte-level BPE's 0x1f
+    assert tokenizer.decode([control]) == "\x1f"
+    for schema in ({"type": "string", "maxLength": 10}, {"type": "string", "minLength": 1}):
+        compiled = compiler.compile(Guide("json_schema", json.dumps(schema)))
+        matcher = xgrammar.GrammarMatcher(compiled.grammar)
+        assert matcher.accept_token(tokenizer.convert_tokens_to_ids('"'))
+        assert not matcher.accept_token(control)
+    text = compiler.compile(Guide("regex", r"[\x10-\x7f]"))  # other guides keep them
+    assert xgrammar.GrammarMatcher(text.grammar).accept_token(control)
+
+
 def test_a_compiled_guide_crosses_the_pipe_as_its_serialised_form(
     compiler: GuideCompiler, tokenizer
 ) -> None:
-    compiled = compiler.compile(Guide("regex", "[0-9]{3}"))
+    compiled = compiler.compile(Guide("json_schema", '{"type": "integer"}'))
     crossed = pickle.loads(pickle.dumps(compiled))
     assert crossed.grammar is None and crossed.key == compiled.key
     other_side = GuideCompiler(tokenizer, VOCAB)  # the engine process's

@@ -23,7 +23,10 @@ The engine only runs matchers over compiled grammars (`predictor.engine.grammar`
 - **The vocabulary xgrammar sees**: every token as the bytes it decodes to, and special tokens
   (the chat template's markers, image pads, the stop tokens) as nothing, so no grammar can
   emit one as text and the text the grammar matched is the text the client gets (decoding
-  skips special tokens). Stop tokens end the output once the grammar allows it to end.
+  skips special tokens). Stop tokens end the output once the grammar allows it to end. For
+  JSON schemas, tokens holding a control character (bytes below 0x20) are nothing too:
+  compact JSON never contains one raw, and xgrammar 0.2.9's rule for strings with a
+  `minLength` / `maxLength` would let one through, which `json.loads` refuses.
 - **Across the process boundary**: a `CompiledGuide` pickles as xgrammar's serialised form
   (about 44 KB for a 4-field schema, once per request: its rows share it), and the engine
   process turns it back into a grammar with `resolve`, cached by content too (0.8 ms to read,
@@ -122,9 +125,11 @@ class CompiledGuide:
         return f"CompiledGuide({self.key[0]}, {len(self.key[1])} chars)"
 
 
-def tokenizer_info(tokenizer: Any, vocab_size: int) -> Any:
-    """xgrammar's view of the vocabulary: each token as the bytes it decodes to, special
-    tokens as nothing (never emitted as text), the tokenizer's end tokens as stop tokens.
+def tokenizer_info(tokenizer: Any, vocab_size: int) -> dict[bool, Any]:
+    """xgrammar's views of the vocabulary, for text grammars (False) and for JSON (True):
+    each token as the bytes it decodes to, special tokens as nothing (never emitted as
+    text), and for JSON also every token with a control character; the tokenizer's end
+    tokens as stop tokens.
 
     Built the same way from the same files in the front and in the engine process, as
     xgrammar's serialised grammars require (it checks the vocabulary's metadata)."""
@@ -138,9 +143,16 @@ def tokenizer_info(tokenizer: Any, vocab_size: int) -> Any:
             vocabulary[index] = b""
     ends = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
     stops = sorted(i for i in ends if isinstance(i, int) and i in special)
-    return xgrammar.TokenizerInfo(
-        vocabulary, xgrammar.VocabType.RAW, vocab_size=vocab_size, stop_token_ids=stops
-    )
+    controls = bytes(range(32))
+    json_vocabulary = [
+        b"" if token.translate(None, controls) != token else token for token in vocabulary
+    ]
+    return {
+        for_json: xgrammar.TokenizerInfo(
+            tokens, xgrammar.VocabType.RAW, vocab_size=vocab_size, stop_token_ids=stops
+        )
+        for for_json, tokens in ((False, vocabulary), (True, json_vocabulary))
+    }
 
 
 class GuideCompiler:
@@ -165,8 +177,8 @@ class GuideCompiler:
         # Re-entrant: a compile that ends at once runs its done-callback in the caller.
         self._lock = threading.RLock()
         self._setup_lock = threading.Lock()
-        self._info: Any = None
-        self._compiler: Any = None
+        self._infos: dict[bool, Any] = {}  # `tokenizer_info`'s, by "for JSON"
+        self._compilers: dict[bool, Any] = {}
         self._cache: OrderedDict[tuple[str, str], CompiledGuide] = OrderedDict()
         self._cached_bytes = 0
         self._refused: OrderedDict[tuple[str, str], str] = OrderedDict()
@@ -230,7 +242,7 @@ class GuideCompiler:
         what = _KIND_NAMES.get(guide.kind)
         if what is None:
             raise _Refused(f"unknown guide kind {guide.kind!r}")
-        compiler = self._compiler
+        compiler = self._compilers[guide.kind == "json_schema"]
         try:
             if guide.kind == "json_schema":
                 check_schema(guide.text)
@@ -287,7 +299,8 @@ class GuideCompiler:
                 return hit
         import xgrammar
 
-        grammar = xgrammar.CompiledGrammar.deserialize_json(compiled.serialized, self._info)
+        info = self._infos[compiled.key[0] == "json_schema"]
+        grammar = xgrammar.CompiledGrammar.deserialize_json(compiled.serialized, info)
         resolved = CompiledGuide(compiled.key, grammar, compiled.serialized)
         with self._lock:
             self._remember(resolved)
@@ -296,18 +309,22 @@ class GuideCompiler:
     # ---- both ----------------------------------------------------------------------------
 
     def _setup(self) -> None:
-        if self._compiler is not None:
+        if self._compilers:
             return
         with self._setup_lock:
-            if self._compiler is not None:
+            if self._compilers:
                 return
             import xgrammar
 
             started = time.monotonic()
-            self._info = tokenizer_info(self.tokenizer, self.vocab_size)
-            self._compiler = xgrammar.GrammarCompiler(
-                self._info, max_threads=COMPILE_THREADS, cache_enabled=False
-            )
+            infos = tokenizer_info(self.tokenizer, self.vocab_size)
+            self._infos = infos
+            self._compilers = {
+                kind: xgrammar.GrammarCompiler(
+                    info, max_threads=COMPILE_THREADS, cache_enabled=False
+                )
+                for kind, info in infos.items()
+            }
             logger.info(
                 "guided decoding ready for %d tokens in %.0f ms",
                 self.vocab_size,
