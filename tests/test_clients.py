@@ -133,6 +133,8 @@ def test_kserve_grpc_stub_reads_metadata(stub: GRPCInferenceServiceStub) -> None
     assert [(t.name, t.datatype, list(t.shape)) for t in metadata.inputs] == [
         ("image", "BYTES", [-1]),
         ("prompt", "BYTES", [-1]),
+        ("guided_decoding_guide_type", "BYTES", [1]),
+        ("guided_decoding_guide", "BYTES", [1]),
     ]
     assert [t.name for t in metadata.outputs] == ["text", "finish_reason", "generated_tokens"]
 
