@@ -84,8 +84,6 @@ def test_guided_rows_on_cuda_with_the_compiled_step(tiny_qwen3_vl: Path) -> None
     import json
     from dataclasses import replace
 
-    import jsonschema
-
     from predictor.engine.loading import vocab_size
     from predictor.inputs.guides import GuideCompiler
     from predictor.params import Guide
@@ -113,6 +111,8 @@ def test_guided_rows_on_cuda_with_the_compiled_step(tiny_qwen3_vl: Path) -> None
         done.update(batch.step())
     stopped = [done[i] for i in range(3) if done[i].finish_reason == "stop"]
     assert stopped and done[3].generated_tokens == 8
-    for completion in stopped:
-        jsonschema.validate(json.loads(completion.text), schema)
+    for completion in stopped:  # the schema, checked by hand (no jsonschema on that machine)
+        value = json.loads(completion.text)
+        assert set(value) == {"caption", "n"} and isinstance(value["n"], int)
+        assert isinstance(value["caption"], str) and len(value["caption"]) <= 30
     compiler.close()
