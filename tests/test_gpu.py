@@ -92,7 +92,10 @@ def test_guided_rows_on_cuda_with_the_compiled_step(tiny_qwen3_vl: Path) -> None
     generator = Generator(loaded.model, loaded.processor)
     schema = {
         "type": "object",
-        "properties": {"caption": {"type": "string", "maxLength": 30}, "n": {"type": "integer"}},
+        "properties": {
+            "caption": {"type": "string", "maxLength": 30},
+            "n": {"type": "integer", "minimum": 0, "maximum": 99},
+        },
         "required": ["caption", "n"],
     }
     guide = Guide("json_schema", json.dumps(schema))
