@@ -4,6 +4,7 @@ guide crossing to the engine process, and the logit mask against xgrammar's own.
 
 from __future__ import annotations
 
+import base64
 import json
 import pickle
 import time
@@ -260,3 +261,49 @@ def test_free_rows_are_left_alone(compiler: GuideCompiler) -> None:
     grammar.mask([_Member(None), _Member(constraint), _Member(None)], logits)
     assert torch.equal(logits[0], before[0]) and torch.equal(logits[2], before[2])
     assert int(torch.isfinite(logits[1]).sum()) == 10  # the digits' tokens
+
+
+# ---- the v2 request: parameters or TensorRT-LLM's inputs -------------------------------
+
+
+def v2_request(*inputs, parameters: dict | None = None):
+    from kserve.protocol.infer_type import InferInput, InferRequest
+
+    image = InferInput("image", [1], "BYTES", [base64.b64encode(b"\xff\xd8x").decode()])
+    extra = [InferInput(name, [len(data)], "BYTES", data) for name, data in inputs]
+    return InferRequest("qwen-vl", [image, *extra], parameters=parameters)
+
+
+def test_the_guide_may_come_as_inputs_or_as_parameters() -> None:
+    from predictor.protocol import parse_infer_request
+
+    as_inputs = v2_request(
+        ("guided_decoding_guide_type", ["regex"]), ("guided_decoding_guide", [b"[0-9]+"])
+    )
+    as_parameters = v2_request(
+        parameters={"guided_decoding_guide_type": "regex", "guided_decoding_guide": "[0-9]+"}
+    )
+    for request in (as_inputs, as_parameters):
+        parsed = parse_infer_request(request, LIMITS, "Describe.")
+        assert parsed.sampling.guide == Guide("regex", "[0-9]+")
+
+
+@pytest.mark.parametrize(
+    ("inputs", "parameters", "field"),
+    [
+        ([("guided_decoding_guide_type", ["regex", "regex"])], None, "guided_decoding_guide_type"),
+        ([("guided_decoding_guide", ["a+"])], None, "guided_decoding_guide_type"),
+        (
+            [("guided_decoding_guide_type", ["regex"])],
+            {"guided_decoding_guide_type": "regex"},
+            "guided_decoding_guide_type",  # given twice
+        ),
+        ([("guided_decoding_guide", [b"\xff"])], {"guided_decoding_guide_type": "regex"}, None),
+    ],
+)
+def test_bad_guide_inputs_name_the_field(inputs, parameters, field) -> None:
+    from predictor.protocol import parse_infer_request
+
+    with pytest.raises(InvalidRequest) as refused:
+        parse_infer_request(v2_request(*inputs, parameters=parameters), LIMITS, "Describe.")
+    assert refused.value.field == (field or "guided_decoding_guide")
