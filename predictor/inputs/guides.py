@@ -41,6 +41,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -208,7 +209,7 @@ class GuideCompiler:
                 future.add_done_callback(lambda done: self._settle(key, done))
         try:
             return future.result(timeout=self.timeout_s)
-        except TimeoutError:
+        except futures.TimeoutError:  # the builtin one from Python 3.11
             with self._lock:
                 started = key in self._started
             if not started:
