@@ -11,6 +11,12 @@ measures
   P2  throughput with 16 concurrent clients / with 1 client              (goal >= 9)
       (median of interleaved rounds; 128 new tokens on a 640x480 JPEG)
   P2s the same for short captions: 32 new tokens on a 448x448 JPEG        (goal >= 8)
+  P8  on a 28-layer tiny-width checkpoint: served / transformers generate, batch 1 (goal <= 0.5)
+      and 16 clients / 1                                                  (goal >= 8)
+  P9  generated tokens/s, 16 clients, images 256²-1024² / all 448²        (goal >= 0.9)
+  real shapes: Qwen3-VL-2B's configuration, random bf16 weights, on this CPU
+      (hack/cpu_shape_bench.py): roofline ÷ batch-1 step (goal >= 0.7), decode tokens/s at
+      16 rows ÷ 1 row (goal >= 12), 4-bit peak RSS ÷ bf16 (goal <= 0.4)
   P3  full decode + resize of a 12-megapixel JPEG / the draft fast path   (goal >= 2.5)
   P7  guided decoding: generated tokens/s of guided requests / free ones, 16 clients, for a
       JSON schema and for a regex                                         (goal >= 0.85)
@@ -66,6 +72,7 @@ GOALS = {
     "P7_regex": (">=", 0.85),
     "P8": ("<=", 0.5),
     "P8_clients": (">=", 8.0),
+    "P9": (">=", 0.9),
 }
 SHORT_CAPTION_TOKENS = 32  # P2s: the short captions users mostly ask for
 SHORT_CAPTION_SIDE = 448
@@ -539,7 +546,7 @@ def bench_engine_alone(
         return clients * per_client / (time.perf_counter() - started)
 
     try:
-        asyncio.run(closed_loop(16))  # warm up (vision graphs are already traced)
+        asyncio.run(closed_loop(16))  # warm up
         ratios, rates_1, rates_16 = [], [], []
         for _ in range(rounds):
             rates_1.append(asyncio.run(closed_loop(1)))
@@ -779,6 +786,50 @@ def bench_p8(work: Path, server_args: tuple[str, ...], runs: int) -> dict:
         "clients_16_over_1": scaling,
         "dtype": str(loaded.dtype),
         "startup_s": server.startup_s,
+    }
+
+
+# ---- mixed image sizes ------------------------------------------------------------------
+
+MIXED_SIDES = (256, 384, 512, 640, 768, 896, 1024)
+
+
+def bench_mixed_sizes(server, tokens: int = 64, per_client: int = 4, rounds: int = 3) -> dict:
+    """Generated tokens/s of 16 closed-loop clients sending images from 256x256 to 1024x1024
+    (each its own size, so rows of very different prompt lengths share the batch), against
+    the same clients all sending 448x448. Exactly `tokens` each (ignore_eos), so tokens/s is
+    requests/s x tokens; rounds interleave, the median ratio is reported."""
+
+    def body(side: tuple[int, int], seed: int) -> bytes:
+        payload = infer_body(jpeg_bytes(photo(*side, seed=seed)), tokens)
+        payload["parameters"]["ignore_eos"] = True
+        return serialised(payload)
+
+    count = 16 * per_client
+    sides = [(MIXED_SIDES[i % 7], MIXED_SIDES[(3 * i + 2) % 7]) for i in range(count)]
+    mixed = [body(side, i) for i, side in enumerate(sides)]
+    uniform = [body((448, 448), i) for i in range(count)]
+    run_clients(server.infer_url, mixed[:16], 16)  # every size seen once
+    ratios, rates_mixed, rates_uniform = [], [], []
+    for _ in range(rounds):
+        seconds_u, statuses_u = run_clients(server.infer_url, uniform, 16)
+        seconds_m, statuses_m = run_clients(server.infer_url, mixed, 16)
+        assert set(statuses_u) == {200} and set(statuses_m) == {200}, (statuses_u, statuses_m)
+        rates_uniform.append(count * tokens / seconds_u)
+        rates_mixed.append(count * tokens / seconds_m)
+        ratios.append(rates_mixed[-1] / rates_uniform[-1])
+    ratio = statistics.median(ratios)
+    print(
+        f"P9  generated tokens/s, 16 clients, images 256²-1024² / all 448²: {ratio:.2f} "
+        f"({statistics.median(rates_mixed):.0f} vs {statistics.median(rates_uniform):.0f} "
+        f"tokens/s, {tokens} tokens each, rounds: {', '.join(f'{r:.2f}' for r in ratios)})  "
+        f"{verdict('P9', ratio)}"
+    )
+    return {
+        "ratio": ratio,
+        "round_ratios": ratios,
+        "tokens_per_s_mixed": statistics.median(rates_mixed),
+        "tokens_per_s_uniform": statistics.median(rates_uniform),
     }
 
 
@@ -1060,6 +1111,7 @@ def cpu_run(args: argparse.Namespace) -> dict:
             results["P2s_engine_alone"] = bench_engine_alone(
                 model_dir, captions, SHORT_CAPTION_TOKENS, per_client=6, rounds=3, flags=flags
             )
+            results["P9"] = bench_mixed_sizes(server, rounds=2 if args.quick else 3)
             results.update(
                 bench_p7(
                     server,
@@ -1071,6 +1123,10 @@ def cpu_run(args: argparse.Namespace) -> dict:
                 )
             )
         results["P8"] = bench_p8(work, tuple(args.server_arg), runs=3 if args.quick else 5)
+        if not args.skip_real_shape:
+            from hack.cpu_shape_bench import run as real_shape_run
+
+            results["real_shape_cpu"] = real_shape_run("qwen3-vl-2b", threads=1)
         results["P3"] = bench_p3(model_dir, runs)  # a real Qwen3-VL's budget
         results["P3_tiny_budget"] = bench_p3(model_dir, runs, budget_pixels=262_144)
         results["overload"] = bench_overload(
@@ -1188,6 +1244,11 @@ def main() -> None:
         help="max_new_tokens per request (default: the server's default)",
     )
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument(
+        "--skip-real-shape",
+        action="store_true",
+        help="leave out the Qwen3-VL-2B-shaped CPU figures (hack/cpu_shape_bench.py)",
+    )
     parser.add_argument(
         "--server-arg",
         action="append",

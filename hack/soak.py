@@ -150,7 +150,7 @@ def run_round(server: LiveServer, clients: list[Client], work: list[tuple]) -> i
 
 
 def soak(server: LiveServer, rounds: int, grids: int, clients: int) -> dict:
-    """Round after round of every grid twice (so each is traced), memory after each round."""
+    """Round after round of every grid twice (a size seen again), memory after each round."""
     sizes = grid_sizes(grids)
     work = []
     for index, size in enumerate(sizes):

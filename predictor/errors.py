@@ -70,6 +70,18 @@ class ModelUnavailable(Unavailable):
         super().__init__(f"model {model_name} {why}; retry after {RETRY_AFTER_S} s")
 
 
+class OutOfDeviceMemory(Unavailable):
+    """The device ran out of memory on this request's rows (its images in the vision encoder,
+    its prefill alone, or its rows evicted from a full decoding batch): 503 with Retry-After,
+    gRPC UNAVAILABLE. The server goes on, and the same request may fit later or elsewhere."""
+
+    code = "out_of_memory"
+
+    def __init__(self, where: str):
+        super().__init__(f"out of device memory {where}; retry after {RETRY_AFTER_S} s")
+        self.where = where
+
+
 class DeadlineExceeded(GrpcException):
     """The request ran past --request_timeout_s (HTTP 504, gRPC DEADLINE_EXCEEDED)."""
 

@@ -140,9 +140,7 @@ class QwenVLModel(Model):
             return self._load_engine_process(started)
         configure_compile_cache(self.settings.compile_cache_dir if self.settings.compile else None)
         loaded = load_model(self.settings)
-        self.generator = Generator(
-            loaded.model, loaded.processor, trace_vision=self.settings.trace_vision
-        )
+        self.generator = Generator(loaded.model, loaded.processor)
         self.preprocessor = self.generator
         self.guides = self._guide_compiler(vocab_size(loaded.model.config))
         self.limits = self._request_limits(

@@ -56,7 +56,6 @@ class Settings:
     compile: bool = True
     compile_cache_dir: str = "/var/cache/qwen-vl"
     max_model_len: int = 4096
-    trace_vision: bool = True
     engine_process: bool = True
     cpu_threads: int = 0
     served_model_aliases: tuple[str, ...] = ()
@@ -245,15 +244,6 @@ def build_parser(parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.Ar
         help="tokens one row may hold, prompt (image tokens included) and output: each batch "
         "slot's KV cache is this long, allocated at start-up; a request that cannot fit is "
         "refused with 400",
-    )
-
-    runtime.add_argument(
-        "--trace_vision",
-        type=_bool,
-        default=_env("trace_vision", d.trace_vision, _bool),
-        help="run the vision encoder as a traced graph for image sizes seen before (it then "
-        "runs without holding Python's GIL, so it does not slow the decoding thread); false: "
-        "always eager",
     )
 
     runtime.add_argument(

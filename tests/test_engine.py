@@ -21,7 +21,7 @@ from predictor.engine.generation import Generator
 from predictor.engine.loading import load_model
 from predictor.engine.running_batch import RunningBatch, describe
 from predictor.engine.scheduler import Engine, EngineConfig
-from predictor.errors import DeadlineExceeded, QueueFull
+from predictor.errors import DeadlineExceeded, OutOfDeviceMemory, QueueFull, Unavailable
 from predictor.inputs.images import fit_to_budget
 from predictor.params import SamplingParams
 from predictor.protocol import Completion
@@ -399,6 +399,50 @@ def test_out_of_memory_while_decoding_fails_the_newest_rows_and_the_rest_go_on(
     assert [r[0] for r in results[:2]] == [describe(generator, [row])[0] for row in rows[:2]]
 
 
+class NaNInOneRowOnce(RecordingBatch):
+    """The second running row's logits hold a NaN in the third step, once (a poisoned row:
+    an overflow in its activations)."""
+
+    def step(self):
+        if len(self.steps) == 2 and not getattr(self, "poisoned", False):
+            self.poisoned = True
+            decode = self.decode
+            batch = self
+
+            class Poisoned:
+                def __getattr__(self, name):
+                    return getattr(decode, name)
+
+                def __call__(self, *args, **kwargs):
+                    batch.decode = decode  # once
+                    logits = decode(*args, **kwargs).clone()
+                    logits[1, 7] = float("nan")
+                    return logits
+
+            self.decode = Poisoned()
+        return super().step()
+
+
+def test_a_row_whose_logits_hold_nan_fails_alone_and_the_others_go_on(generator) -> None:
+    engine, batches = continuous_engine(
+        generator, NaNInOneRowOnce, max_batch_size=8, batch_wait_ms=200
+    )
+    rows = make_rows(generator, 4, 8)
+
+    async def scenario():
+        return await asyncio.gather(*(engine.submit([row]) for row in rows), return_exceptions=True)
+
+    try:
+        results = asyncio.run(scenario())
+    finally:
+        engine.stop()
+    assert batches[0].steps[:4] == [4, 4, 4, 3]  # the poisoned row left at the third step
+    assert [isinstance(r, RuntimeError) for r in results] == [False, True, False, False]
+    assert "NaN" in str(results[1])
+    survivors = [r[0] for i, r in enumerate(results) if i != 1]
+    assert survivors == [describe(generator, [row])[0] for i, row in enumerate(rows) if i != 1]
+
+
 @pytest.mark.parametrize(("ratio", "wait_steps"), [(0.0, 0), (0.5, 3)])
 def test_a_lone_waiting_row_joins_a_busy_batch_at_once_or_after_its_wait(
     generator, ratio: float, wait_steps: int
@@ -450,3 +494,31 @@ def test_a_lone_waiting_row_joins_a_busy_batch_at_once_or_after_its_wait(
     waited = admitted_at[1] - queued_at[-1]
     assert wait_steps <= waited <= wait_steps + 1
     assert joined == describe(generator, [short])[0]
+
+
+def test_out_of_memory_in_the_vision_encoder_is_a_retryable_unavailable(
+    generator, monkeypatch
+) -> None:
+    """The encoder's OOM is the same 503-with-Retry-After as the decoder's, on the row's
+    thread (encoded ahead) and inside the engine (encoded at prefill), and the engine goes
+    on serving."""
+
+    def full(*args, **kwargs):
+        raise torch.OutOfMemoryError("injected: CUDA out of memory")
+
+    row = make_rows(generator, 1, 4)[0]
+    with monkeypatch.context() as patch:
+        patch.setattr(generator.vision, "_encode", full)
+        with pytest.raises(OutOfDeviceMemory) as raised:
+            generator.encode(row)
+        assert isinstance(raised.value, Unavailable) and raised.value.retry_after_s > 0
+        engine, _ = continuous_engine(generator, max_batch_size=4)
+        try:
+            with pytest.raises(OutOfDeviceMemory):
+                asyncio.run(engine.submit([row]))
+        finally:
+            patch.undo()
+        try:
+            assert asyncio.run(engine.submit([row]))[0] == describe(generator, [row])[0]
+        finally:
+            engine.stop()

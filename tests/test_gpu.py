@@ -119,3 +119,93 @@ def test_guided_rows_on_cuda_with_the_compiled_step(tiny_qwen3_vl: Path) -> None
         assert set(value) == {"caption", "n"} and isinstance(value["n"], int)
         assert isinstance(value["caption"], str) and len(value["caption"]) <= 30
     compiler.close()
+
+
+def test_sampled_rows_on_cuda_are_batched_and_a_seed_repeats_itself(tiny_qwen3_vl: Path) -> None:
+    """The batched on-device sampler on CUDA: seeded rows repeat their text whatever runs
+    beside them, and unseeded rows with the checkpoints' kind of settings still finish."""
+    loaded = load_model(Settings(model_dir=str(tiny_qwen3_vl), dtype="float32"))
+    generator = Generator(loaded.model, loaded.processor)
+    image = fit_to_budget(images.gradient((128, 96)), generator.default_budget, 32)
+    seeded = SamplingParams(max_new_tokens=12, temperature=0.7, top_p=0.8, top_k=20, seed=5)
+    free = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.9, repetition_penalty=1.1)
+    row = Row.single(image, "Describe this image.", seeded)
+    alone = describe(generator, [row])[0]
+    crowd = [Row.single(image, "Describe this image.", free)] * 5
+    together = describe(generator, [*crowd[:2], row, *crowd[2:]])
+    assert together[2].text == alone.text
+    assert all(c.generated_tokens >= 1 for c in together)
+
+
+def test_the_engine_process_on_cuda_streams_what_it_answers(
+    tiny_qwen3_vl: Path, tmp_path: Path
+) -> None:
+    """The default layout on a GPU: the engine core owns the device in a process of its
+    own; a streamed chat completion joins to the plain one."""
+    import json
+
+    import httpx
+
+    from tests.live_server import start_server
+
+    picture = images.jpeg((96, 72), (200, 40, 40))
+    body = {
+        "model": "qwen-vl",
+        "max_tokens": 10,
+        "temperature": 0,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Describe this image."},
+                    {
+                        "type": "image_url",
+                        "image_url": {"url": "data:image/jpeg;base64," + _b64(picture)},
+                    },
+                ],
+            }
+        ],
+    }
+    with start_server(tiny_qwen3_vl, tmp_path / "server.log", "--device", "cuda") as server:
+        body["model"] = server.model_name
+        plain = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120)
+        assert plain.status_code == 200, plain.text
+        deltas = []
+        with httpx.stream(
+            "POST", f"{server.url}/v1/chat/completions", json={**body, "stream": True}, timeout=120
+        ) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    deltas.append(json.loads(line[6:])["choices"][0]["delta"].get("content") or "")
+    assert "".join(deltas) == plain.json()["choices"][0]["message"]["content"]
+
+
+def test_a_real_out_of_memory_in_the_vision_encoder_is_retryable(tiny_qwen3_vl: Path) -> None:
+    """Fill the device, then encode: the CUDA allocator's own error becomes the retryable
+    OutOfDeviceMemory, and once the filler is gone the same image encodes."""
+    from predictor.errors import OutOfDeviceMemory
+
+    loaded = load_model(Settings(model_dir=str(tiny_qwen3_vl)))
+    generator = Generator(loaded.model, loaded.processor)
+    image = fit_to_budget(images.gradient((512, 512)), generator.default_budget, 32)
+    row = Row.single(image, "Describe this image.", SamplingParams(max_new_tokens=2))
+    filler = []
+    size, _ = torch.cuda.mem_get_info()
+    try:
+        while size > 2**20:  # fill the device to within a megabyte
+            try:
+                filler.append(torch.empty(size, dtype=torch.uint8, device="cuda"))
+            except torch.OutOfMemoryError:
+                size //= 2
+        with pytest.raises(OutOfDeviceMemory):
+            generator.encode(row)
+    finally:
+        filler.clear()
+        torch.cuda.empty_cache()
+    assert generator.encode(row).image_features is not None
+
+
+def _b64(data: bytes) -> str:
+    import base64
+
+    return base64.b64encode(data).decode()

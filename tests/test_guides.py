@@ -266,9 +266,12 @@ def test_free_rows_are_left_alone(compiler: GuideCompiler) -> None:
     before = logits.clone()
     assert grammar.mask([_Member(None)] * 3, logits) is logits and torch.equal(logits, before)
     constraint = grammar.Constraint(compiler.compile(Guide("regex", "[0-9]")), [151645])
-    grammar.mask([_Member(None), _Member(constraint), _Member(None)], logits)
-    assert torch.equal(logits[0], before[0]) and torch.equal(logits[2], before[2])
-    assert int(torch.isfinite(logits[1]).sum()) == 10  # the digits' tokens
+    masked = grammar.mask([_Member(None), _Member(constraint), _Member(None)], logits)
+    assert torch.equal(logits, before)  # the model's output is never written
+    assert torch.equal(masked[0], before[0]) and torch.equal(masked[2], before[2])
+    assert int(torch.isfinite(masked[1]).sum()) == 10  # the digits' tokens
+    everyone = grammar.mask([_Member(constraint)] * 3, logits)
+    assert torch.equal(logits, before) and int(torch.isfinite(everyone).sum()) == 30
 
 
 # ---- the v2 request: parameters or TensorRT-LLM's inputs -------------------------------

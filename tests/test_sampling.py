@@ -1,6 +1,7 @@
-"""The continuous path's per-row sampler draws from the distribution transformers' warpers
-give (`generate`'s order: repetition penalty, temperature, top_k, top_p), while looking
-at only the candidates that can survive. No model: logits of a Qwen-sized vocabulary."""
+"""The batched sampler draws every row from the distribution transformers' warpers give
+(`generate`'s order: repetition penalty, temperature, top_k, top_p), while looking at only
+the candidates that can survive, all rows in one pass. No model: logits of a Qwen-sized
+vocabulary."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from predictor.engine.running_batch import _Sampler
+from predictor.engine import sampling
+from predictor.engine.sampling import RowSampling
 from predictor.params import SamplingParams
 
 VOCAB = 151_936
@@ -42,46 +44,100 @@ def logits_of(kind: str) -> torch.Tensor:
     return base * {"flat": 0.5, "spread": 3.0, "peaked": 1.0}[kind]
 
 
-@pytest.mark.parametrize("kind", ["flat", "spread", "peaked"])
-@pytest.mark.parametrize(
-    "sampling",
-    [
-        SamplingParams(8, temperature=0.7, top_p=0.8, top_k=20),  # Qwen3-VL's defaults
-        SamplingParams(8, temperature=0.1, top_p=0.001, top_k=1, repetition_penalty=1.05),
-        SamplingParams(8, temperature=1.0, top_p=0.9),
-        SamplingParams(8, temperature=1.3, top_p=0.95, top_k=40, repetition_penalty=1.2),
-        SamplingParams(8, temperature=0.5, top_k=3),
-        SamplingParams(8, temperature=1.0),
-    ],
-    ids=["qwen3-vl", "qwen2.5-vl", "top-p", "all", "top-k", "plain"],
-)
-def test_the_sampler_draws_from_transformers_distribution(sampling, kind) -> None:
-    logits = logits_of(kind)
-    sampler = _Sampler(sampling, HISTORY)
-    ids, probs = sampler.candidates(logits)
-    ours = torch.zeros(VOCAB).index_add_(0, ids, probs)
-    expected = reference(sampling, logits)
-    # The same distribution: summing probabilities in another order can move a token whose
-    # probability is about 1e-5 across the top_p boundary, nothing more.
+SETTINGS = [
+    SamplingParams(8, temperature=0.7, top_p=0.8, top_k=20),  # Qwen3-VL's defaults
+    SamplingParams(8, temperature=0.1, top_p=0.001, top_k=1, repetition_penalty=1.05),
+    SamplingParams(8, temperature=1.0, top_p=0.9),
+    SamplingParams(8, temperature=1.3, top_p=0.95, top_k=40, repetition_penalty=1.2),
+    SamplingParams(8, temperature=0.5, top_k=3),
+    SamplingParams(8, temperature=1.0),
+]
+IDS = ["qwen3-vl", "qwen2.5-vl", "top-p", "all", "top-k", "plain"]
+
+
+def dense(ids: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(VOCAB).index_add_(0, ids, probs)
+
+
+def assert_same_distribution(ours: torch.Tensor, expected: torch.Tensor) -> None:
+    # Summing probabilities in another order can move a token whose probability is about
+    # 1e-5 across the top_p boundary, nothing more.
     assert (ours - expected).abs().sum() < 1e-4
     assert ((ours > 0) != (expected > 0)).sum() <= 2
-    token = sampler.pick(logits)
-    assert expected[token] > 0
+
+
+@pytest.mark.parametrize("kind", ["flat", "spread", "peaked"])
+@pytest.mark.parametrize("params", SETTINGS, ids=IDS)
+def test_the_sampler_draws_from_transformers_distribution(params, kind) -> None:
+    logits = logits_of(kind).view(1, -1)
+    row = RowSampling(params, HISTORY, vocab_size=VOCAB)
+    ids, probs = sampling.candidates([row], logits)
+    expected = reference(params, logits)
+    assert_same_distribution(dense(ids[0], probs[0]), expected)
+    tokens, broken = sampling.pick([RowSampling(params, HISTORY, vocab_size=VOCAB)], logits)
+    assert expected[tokens[0]] > 0 and broken == [False]
+
+
+def test_rows_with_different_settings_in_one_batch_each_get_their_own_distribution() -> None:
+    kinds = ["flat", "spread", "peaked"]
+    logits = torch.stack([logits_of(kinds[i % 3]) for i in range(len(SETTINGS))])
+    rows = [RowSampling(p, HISTORY, vocab_size=VOCAB) for p in SETTINGS]
+    ids, probs = sampling.candidates(rows, logits)
+    for index, params in enumerate(SETTINGS):
+        expected = reference(params, logits[index])
+        assert_same_distribution(dense(ids[index], probs[index]), expected)
+    greedy = RowSampling(SamplingParams(8), HISTORY)
+    tokens, _ = sampling.pick([*rows, greedy], torch.cat([logits, logits[:1]]))
+    for index, params in enumerate(SETTINGS):
+        assert reference(params, logits[index])[tokens[index]] > 0
+    assert tokens[-1] == int(logits[0].argmax())
 
 
 def test_greedy_with_a_penalty_takes_the_penalised_argmax() -> None:
     logits = logits_of("spread")
     logits[17] = logits.max() + 0.01  # best, but already in the history
-    sampler = _Sampler(SamplingParams(8, repetition_penalty=1.5), HISTORY)
-    assert not sampler.batched_greedy
-    assert sampler.pick(logits) != 17
-    assert _Sampler(SamplingParams(8), HISTORY).pick(logits) == 17
+    penalised = RowSampling(SamplingParams(8, repetition_penalty=1.5), HISTORY, vocab_size=VOCAB)
+    plain = RowSampling(SamplingParams(8), HISTORY)
+    tokens, _ = sampling.pick([penalised, plain], torch.stack([logits, logits]))
+    assert tokens[0] != 17 and tokens[1] == 17
 
 
-def test_a_seeded_sampler_repeats_itself() -> None:
+def test_the_penalty_counts_the_tokens_a_row_picked() -> None:
+    logits = logits_of("spread")
+    best = int(logits.argmax())
+    row = RowSampling(SamplingParams(8, repetition_penalty=3.0), HISTORY, vocab_size=VOCAB)
+    first, _ = sampling.pick([row], logits.view(1, -1))
+    second, _ = sampling.pick([row], logits.view(1, -1))
+    assert first == [best] and second != [best]
+
+
+def test_stop_tokens_are_masked_until_min_new_tokens() -> None:
+    logits = logits_of("spread")
+    stop = int(logits.argmax())
+    row = RowSampling(SamplingParams(8, min_new_tokens=2), HISTORY, stop_ids=[stop])
+    picks = [sampling.pick([row], logits.view(1, -1))[0][0] for _ in range(3)]
+    assert picks[0] != stop and picks[1] != stop and picks[2] == stop
+
+
+def test_a_seeded_row_repeats_itself_whatever_runs_beside_it() -> None:
     logits = logits_of("flat")
-    sampling = SamplingParams(8, temperature=1.0, top_k=50, seed=9)
-    picks = [_Sampler(sampling, HISTORY).pick(logits) for _ in range(3)]
-    assert picks[0] == picks[1] == picks[2]
-    first = _Sampler(sampling, HISTORY)
-    assert len({first.pick(logits) for _ in range(20)}) > 1  # it does sample
+    params = SamplingParams(8, temperature=1.0, top_k=50, seed=9)
+    alone = [
+        sampling.pick([RowSampling(params, HISTORY)], logits.view(1, -1))[0][0] for _ in range(3)
+    ]
+    assert alone[0] == alone[1] == alone[2]
+    free = SamplingParams(8, temperature=1.0, top_k=50)
+    neighbours = [RowSampling(free, HISTORY) for _ in range(3)]
+    batch = torch.stack([logits_of("spread"), logits, logits_of("peaked"), logits])
+    beside, _ = sampling.pick([neighbours[0], RowSampling(params, HISTORY), *neighbours[1:]], batch)
+    assert beside[1] == alone[0]
+    row = RowSampling(params, HISTORY)
+    assert len({sampling.pick([row], logits.view(1, -1))[0][0] for _ in range(20)}) > 1
+
+
+def test_a_row_with_nan_logits_is_flagged_alone() -> None:
+    logits = torch.stack([logits_of("spread"), logits_of("spread")])
+    logits[1, 5] = float("nan")
+    rows = [RowSampling(SamplingParams(8, temperature=0.7, top_k=20), HISTORY) for _ in range(2)]
+    _, broken = sampling.pick(rows, logits)
+    assert broken == [False, True]

@@ -1,6 +1,6 @@
 """Memory levels off under many image sizes: `hack/soak.py` against the real server.
 
-It cycles 24 distinct image grids (more than the vision-graph cache holds) through v2 REST,
+It cycles 24 distinct image grids (each a different vision-encoder shape) through v2 REST,
 gRPC and OpenAI (plain and streaming) in JPEG, PNG and WebP, 624 requests in all, and fails if
 the server's resident memory grew by 50 MB or more after the first round.
 """

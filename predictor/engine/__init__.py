@@ -14,7 +14,7 @@ The process boundary runs through this package:
   - `loading`: reading a checkpoint (dtype, device, quantization) into a `LoadedModel`;
   - `generation`: `Generator`, the model with its processor, stop rules and text;
   - `grammar`: guided decoding's matchers and the logit mask of constrained rows;
-  - `vision_graphs` and `patch_embedding`: the vision encoder, traced per image grid.
+  - `vision` and `patch_embedding`: the vision encoder, eager, on a CUDA stream of its own.
 In the in-process layout the server builds an `Engine` itself; with the engine process it
 builds a `RemoteEngine`, and the core builds the `Engine`. The request path sees the same
 `reserve` / `submit` either way.

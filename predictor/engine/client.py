@@ -40,6 +40,7 @@ from predictor.engine.transfer import PackedTensor, SharedArena, Span
 from predictor.errors import (
     DeadlineExceeded,
     EngineUnavailable,
+    OutOfDeviceMemory,
     StartupError,
     Unavailable,
 )
@@ -256,11 +257,11 @@ class RemoteEngine:
             _, request_id, reason, detail = message
             pending = self._forget(request_id)
             if pending is not None:
-                error: BaseException = (
-                    DeadlineExceeded(self.config.request_timeout_s)
-                    if reason == "deadline"
-                    else RuntimeError(detail)
-                )
+                error: BaseException = RuntimeError(detail)
+                if reason == "deadline":
+                    error = DeadlineExceeded(self.config.request_timeout_s)
+                elif reason == "out_of_memory":
+                    error = OutOfDeviceMemory(detail)
                 pending.loop.call_soon_threadsafe(_resolve, pending.future, None, error)
         elif kind == "released":  # the core has read the request's patches
             self._release_spans(message[1])

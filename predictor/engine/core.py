@@ -45,7 +45,7 @@ from dataclasses import replace
 from typing import Any
 
 from predictor.engine.transfer import SharedArena
-from predictor.errors import DeadlineExceeded
+from predictor.errors import DeadlineExceeded, OutOfDeviceMemory
 from predictor.inputs.guides import GuideCompiler
 from predictor.inputs.image_workers import ImageWorkers
 from predictor.rows import EncodedRow
@@ -130,7 +130,7 @@ class Core:
         forwarded = _forward_metrics()
         configure_compile_cache(settings.compile_cache_dir if settings.compile else None)
         loaded = load_model(settings)
-        generator = Generator(loaded.model, loaded.processor, trace_vision=settings.trace_vision)
+        generator = Generator(loaded.model, loaded.processor)
         config = EngineConfig.from_settings(settings)
         engine = Engine(generator, settings.model_name, config, warm_up=settings.warmup)
         core = cls(engine, generator, connection, arena)
@@ -179,17 +179,7 @@ class Core:
         """Encode a request's images (off the decode loop's thread) and queue its rows."""
         try:
             try:
-                prepared = [
-                    replace(
-                        row,
-                        inputs=self._encoded(tensors),
-                        on_text=self._sink(request_id, index) if stream else None,
-                        grammar=self.guides.resolve(row.grammar) if row.grammar else None,
-                    )
-                    for index, (row, tensors, stream) in enumerate(
-                        zip(rows, packed, streams, strict=True)
-                    )
-                ]
+                prepared = self._prepared(request_id, rows, packed, streams)
             finally:  # the patches have been read (or never will be): the front reuses them
                 self.send("released", request_id)
             with self._lock:
@@ -198,11 +188,30 @@ class Core:
                     return
                 request = self.engine.put(prepared, arrived)
                 self._requests[request_id] = request
+        except OutOfDeviceMemory as exc:
+            logger.warning("request %s: %s", request_id, exc.reason)
+            self.send("failed", request_id, "out_of_memory", "in the vision encoder")
+            return
         except Exception as exc:
             logger.exception("request %s could not be queued", request_id)
             self.send("failed", request_id, "error", f"generation failed: {exc}")
             return
         request.future.add_done_callback(lambda done: self._finished(request_id, done))
+
+    def _prepared(
+        self, request_id: int, rows: list, packed: list[dict | None], streams: list[bool]
+    ) -> list:
+        """The request's rows with their images through the vision encoder (which raises
+        `OutOfDeviceMemory` when the device is full)."""
+        return [
+            replace(
+                row,
+                inputs=self._encoded(tensors),
+                on_text=self._sink(request_id, index) if stream else None,
+                grammar=self.guides.resolve(row.grammar) if row.grammar else None,
+            )
+            for index, (row, tensors, stream) in enumerate(zip(rows, packed, streams, strict=True))
+        ]
 
     def _encoded(self, packed: dict | None) -> Any:
         """A row's inputs from the pipe, through the vision encoder. The pixel patches are
@@ -228,6 +237,8 @@ class Core:
             self.send("done", request_id, done.result())
         elif isinstance(error, DeadlineExceeded):
             self.send("failed", request_id, "deadline", str(error.details))
+        elif isinstance(error, OutOfDeviceMemory):
+            self.send("failed", request_id, "out_of_memory", error.where)
         else:
             self.send("failed", request_id, "error", str(error))
 

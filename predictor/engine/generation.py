@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from predictor.engine.vision_graphs import VisionEncoder
+from predictor.engine.vision import VisionEncoder
+from predictor.errors import OutOfDeviceMemory
 from predictor.inputs.preprocessing import Preprocessor
 from predictor.params import PixelBudget
 from predictor.protocol import Completion
@@ -107,9 +108,9 @@ class _RowState:
 class Generator:
     """Owns the model and processor; turns rows into completions."""
 
-    def __init__(self, model: Any, processor: Any, trace_vision: bool = True):
+    def __init__(self, model: Any, processor: Any):
         self.model = model
-        self.vision = VisionEncoder(model, trace=trace_vision)  # see predictor.engine.vision_graphs
+        self.vision = VisionEncoder(model)  # see predictor.engine.vision
         self.preprocessor = Preprocessor(processor)  # the processor's CPU work
         self.processor = processor
         self.tokenizer = self.preprocessor.tokenizer
@@ -165,10 +166,20 @@ class Generator:
             return encoded
         tensors = dict(encoded.tensors)
         pixel_values = tensors.pop("pixel_values")
-        features = self.vision(
-            pixel_values.to(self.device, dtype=self.model.dtype),
-            tensors["image_grid_thw"].to(self.device),
-        )
+        out_of_memory = False
+        try:
+            features = self.vision(
+                pixel_values.to(self.device, dtype=self.model.dtype),
+                tensors["image_grid_thw"].to(self.device),
+            )
+        except torch.OutOfMemoryError:
+            # Raised outside this block: inside it the traceback keeps the failed encoder's
+            # activations alive, and the cache could not give their memory back.
+            out_of_memory = True
+        if out_of_memory:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise OutOfDeviceMemory("in the vision encoder")
         return EncodedRow(tensors, features)
 
     def _processed(self, row: Row) -> dict[str, torch.Tensor]:

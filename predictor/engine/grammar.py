@@ -11,7 +11,7 @@ Cost: free rows pay nothing (no bitmask, no work when no row in the batch is con
 For constrained rows xgrammar fills one bitmask row each (one call for the batch; tens of
 microseconds a row once its masks are cached), and the mask is applied as an addition: each
 bitmask byte indexes a table of eight 0 / -inf values, so the rows' penalties come from one
-embedding lookup and land on the logits in one add. On a CPU that costs a fifth of xgrammar's
+embedding lookup and land on the logits in one addition. On a CPU that costs a fifth of xgrammar's
 own CPU kernel, whose per-bit branches cost 5.5 ms for 16 rows of 151,936 tokens; on a GPU it is
 the same few tensor operations, with no kernel to compile. Picking (greedy, sampled, with any
 penalty) then sees only allowed tokens.
@@ -67,8 +67,9 @@ def constraint_for(row: Any, stop_ids: Sequence[int]) -> Constraint | None:
 
 def mask(members: Sequence[Any], logits: torch.Tensor) -> torch.Tensor:
     """`logits` ([rows, vocab], row i for members[i]) with every token that a constrained
-    member's grammar does not allow next set to -inf, in place; unchanged (no work at all)
-    when no member has a `constraint`."""
+    member's grammar does not allow next set to -inf: a new tensor (the model's output, which
+    a CUDA graph may own, is never written), or `logits` itself, with no work at all, when no
+    member has a `constraint`."""
     rows = [i for i, m in enumerate(members) if m.constraint is not None]
     if not rows:
         return logits
@@ -79,17 +80,15 @@ def mask(members: Sequence[Any], logits: torch.Tensor) -> torch.Tensor:
     _batch_matcher().batch_fill_next_token_bitmask(matchers, bitmask)
     penalty = penalties(bitmask, vocab, logits.dtype, logits.device)
     if len(rows) == logits.shape[0]:
-        logits.add_(penalty)
-    else:
-        index = torch.tensor(rows, device=logits.device)
-        logits.index_add_(0, index, penalty)
-    return logits
+        return logits + penalty
+    return logits.index_add(0, torch.tensor(rows, device=logits.device), penalty)
 
 
 def advance(members: Sequence[Any], tokens: Sequence[int]) -> None:
-    """Each constrained member's matcher takes the token it picked."""
+    """Each constrained member's matcher takes the token it picked (not a broken member's:
+    its logits held a NaN, its token is arbitrary, and it leaves with an error)."""
     for member, token in zip(members, tokens, strict=True):
-        if member.constraint is not None:
+        if member.constraint is not None and not getattr(member, "broken", False):
             member.constraint.accept(token)
 
 

@@ -30,11 +30,12 @@ from typing import Any
 
 import torch
 from PIL import Image
-from transformers import DynamicCache, RepetitionPenaltyLogitsProcessor
+from transformers import DynamicCache
 
-from predictor.engine import grammar
+from predictor.engine import grammar, sampling
 from predictor.engine.decode_step import SPAN_STEP, DecodeStep, batch_buckets, bucket_for, span_for
 from predictor.engine.generation import Generator, _RowState
+from predictor.engine.sampling import RowSampling
 from predictor.inputs.images import fit_to_budget
 from predictor.params import SamplingParams
 from predictor.protocol import Completion
@@ -43,118 +44,27 @@ from predictor.rows import Row, StopCheck
 logger = logging.getLogger(__name__)
 
 
-class _Sampler:
-    """Picks one row's next token with the row's own sampling settings.
-
-    The distribution is transformers' (repetition penalty, temperature, top_k, then top_p,
-    as `generate` applies them), but computed on the few candidates that can survive: the
-    top_k largest logits, or for top_p alone the smallest prefix of the sorted logits that
-    holds top_p of the mass (found among the top `_TOP_P_CANDIDATES` first, which holds it
-    unless the distribution is nearly flat). transformers' warpers sort all 151936 logits of
-    a Qwen vocabulary for every row and step (8-20 ms a row on a CPU core), which made a
-    batch of sampled rows, the checkpoints' default, cost many times its greedy twin.
-
-    Until the row has `min_new_tokens` tokens its stop tokens cannot be picked (their logits
-    are masked), which is how `min_tokens` and `ignore_eos` fix a row's length.
-    """
-
-    _TOP_P_CANDIDATES = 1024
-
-    def __init__(
-        self, sampling: SamplingParams, prompt_ids: torch.Tensor, stop_ids: Sequence[int] = ()
-    ):
-        self.greedy = sampling.greedy
-        self.temperature = sampling.temperature
-        self.top_k = sampling.top_k
-        self.top_p = sampling.top_p
-        self.min_new_tokens = sampling.min_new_tokens
-        self.stop_ids = list(stop_ids)
-        self.generated = 0
-        self.penalty: RepetitionPenaltyLogitsProcessor | None = None
-        self.history: torch.Tensor | None = None
-        if sampling.repetition_penalty != 1.0:
-            self.penalty = RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty)
-            self.history = prompt_ids.view(1, -1)
-        self.random: torch.Generator | None = None
-        if sampling.seed is not None and not self.greedy:
-            self.random = torch.Generator(device=prompt_ids.device).manual_seed(sampling.seed)
-
-    @property
-    def batched_greedy(self) -> bool:
-        """Greedy with no penalty: picked with the batch's other such rows at once."""
-        return self.greedy and self.penalty is None
-
-    @property
-    def masking(self) -> bool:
-        """Whether its stop tokens are still masked (`min_new_tokens` not reached)."""
-        return self.generated < self.min_new_tokens and bool(self.stop_ids)
-
-    def _scores(self, logits: torch.Tensor) -> torch.Tensor:
-        """The row's logits ([1, vocab], float) with stop tokens masked and the penalty on."""
-        scores = logits.view(1, -1).float()
-        if self.masking:
-            scores = scores.clone()
-            scores[:, self.stop_ids] = -float("inf")
-        if self.penalty is not None:
-            assert self.history is not None
-            scores = self.penalty(self.history.long(), scores)
-        return scores
-
-    def candidates(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(token ids, probabilities) of the tokens this row can draw, the rest having none."""
-        scores = self._scores(logits)[0] / self.temperature
-        vocab = scores.shape[0]
-        if self.top_k:
-            values, ids = scores.topk(min(self.top_k, vocab))
-        elif self.top_p < 1.0:
-            values, ids = scores.topk(min(self._TOP_P_CANDIDATES, vocab))
-            mass = torch.exp(values - torch.logsumexp(scores, dim=0)).sum()
-            if mass < self.top_p and values.shape[0] < vocab:
-                values, ids = scores.sort(descending=True)  # a flat distribution
-        else:
-            return torch.arange(vocab, device=scores.device), torch.softmax(scores, dim=0)
-        probs = torch.softmax(values, dim=0)
-        if self.top_p < 1.0:
-            # transformers keeps a token when the mass of the tokens above it is below top_p
-            # (at least one token).
-            above = torch.cumsum(probs, dim=0) - probs
-            keep = int((above < self.top_p).sum().clamp(min=1))
-            values, ids = values[:keep], ids[:keep]
-            probs = torch.softmax(values, dim=0)
-        # In token order, as a full-vocabulary draw sees them: float noise (a row padded
-        # beside others) can swap two nearly equal logits in the sorted order, and the same
-        # random draw would then pick another token.
-        ids, order = ids.sort()
-        return ids, probs[order]
-
-    def pick(self, logits: torch.Tensor) -> int:
-        if self.greedy:
-            return int(self._scores(logits).argmax(dim=-1))
-        ids, probs = self.candidates(logits)
-        return int(ids[torch.multinomial(probs, 1, generator=self.random)])
-
-    def took(self, token: int) -> None:
-        self.generated += 1
-        if self.history is not None:
-            self.history = torch.cat([self.history, self.history.new_tensor([[token]])], dim=1)
-
-
 @dataclass
 class _Member:
     """One row in the running batch, with whatever the engine uses to find its owner."""
 
     owner: Any
     state: _RowState
-    sampler: _Sampler
+    sampler: RowSampling
     stop_check: StopCheck | None
     prompt_tokens: int
     length: int = 0  # tokens in its cache slot
     position: int = 0  # the rotary position of its next token
     token: int = 0  # its last token, the input of the next step
+    broken: bool = False  # its logits held a NaN: it fails, alone
     constraint: grammar.Constraint | None = None  # guided decoding: its grammar's matcher
 
     def done(self) -> bool:
-        return self.state.finished or (self.stop_check is not None and self.stop_check())
+        return (
+            self.broken
+            or self.state.finished
+            or (self.stop_check is not None and self.stop_check())
+        )
 
 
 Finished = tuple[Any, Completion]  # (owner, completion); a stopped row's text is cut short
@@ -185,6 +95,7 @@ class RunningBatch:
             compile_step = False
         self.decode = DecodeStep.of_model(self.model, max_rows, max_len, compile_step)
         self.members: list[_Member] = []
+        self._broken_owners: list[Any] = []  # rows whose logits held a NaN, until `take_failed`
 
     def __len__(self) -> int:
         return len(self.members)
@@ -234,7 +145,12 @@ class RunningBatch:
             _Member(
                 owner,
                 _RowState(self.generator, row),
-                _Sampler(row.sampling, ids[i][mask[i].bool()], self.generator.stop_token_ids),
+                RowSampling(
+                    row.sampling,
+                    ids[i][mask[i].bool()],
+                    self.generator.stop_token_ids,
+                    vocab_size=logits.shape[-1],
+                ),
                 check,
                 lengths[i],
                 length=lengths[i],
@@ -314,6 +230,11 @@ class RunningBatch:
             time.perf_counter() - started,
         )
 
+    def take_failed(self) -> list[Any]:
+        """The owners of rows that left because their logits held a NaN (since last asked)."""
+        failed, self._broken_owners = self._broken_owners, []
+        return failed
+
     def evict(self, count: int) -> list[Any]:
         """Remove the `count` most recently admitted rows; returns their owners."""
         count = min(count, len(self.members))
@@ -332,27 +253,13 @@ class RunningBatch:
 
     @staticmethod
     def _pick(members: Sequence[_Member], logits: torch.Tensor) -> list[int]:
-        """Every row's next token, with one transfer to the host for all greedy rows.
-
-        Greedy rows without a repetition penalty (most rows: greedy requests, and those whose
-        stop tokens are masked for `min_new_tokens` / `ignore_eos`) are picked together: the
-        masked rows' stop-token logits set to -inf in one operation, then one `max` over the
-        batch. `max` finds the same first largest logit as `argmax`, about 3x faster on a CPU
-        over a 151,936-token vocabulary. The other rows sample one by one."""
-        batched = [i for i, m in enumerate(members) if m.sampler.batched_greedy]
-        greedy: dict[int, int] = {}
-        if batched:
-            scores = logits[batched]
-            masking = [k for k, i in enumerate(batched) if members[i].sampler.masking]
-            if masking:
-                stops = members[batched[masking[0]]].sampler.stop_ids
-                rows = torch.tensor(masking, device=logits.device).view(-1, 1)
-                columns = torch.tensor(stops, device=logits.device).view(1, -1)
-                scores = scores.index_put((rows, columns), scores.new_tensor(-float("inf")))
-            greedy = dict(zip(batched, scores.max(dim=-1).indices.tolist(), strict=True))
-        return [
-            greedy[i] if i in greedy else m.sampler.pick(logits[i]) for i, m in enumerate(members)
-        ]
+        """Every row's next token, all rows at once on the device, one transfer to the host
+        (`predictor.engine.sampling`). A row whose logits held a NaN is marked broken: it
+        leaves with an error and the others go on."""
+        tokens, broken = sampling.pick([m.sampler for m in members], logits)
+        for member, bad in zip(members, broken, strict=True):
+            member.broken = bad
+        return tokens
 
     def _retire(self) -> list[Finished]:
         """Remove and return the rows that are done; the last rows take their slots."""
@@ -363,7 +270,10 @@ class RunningBatch:
             if not member.done():
                 index += 1
                 continue
-            finished.append((member.owner, member.state.completion(member.prompt_tokens)))
+            if member.broken:
+                self._broken_owners.append(member.owner)
+            else:
+                finished.append((member.owner, member.state.completion(member.prompt_tokens)))
             last = self.members.pop()
             if last is not member:
                 self.decode.cache.move(len(self.members), index, last.length)
@@ -380,9 +290,8 @@ def is_quantized(model: Any) -> bool:
 
 def _feed(members: Sequence[_Member], tokens: Sequence[int]) -> None:
     for member, token in zip(members, tokens, strict=True):
-        if not member.state.finished:
-            member.sampler.took(token)
-        member.state.push(token)
+        if not member.broken:
+            member.state.push(token)
         member.token = token
 
 
@@ -399,4 +308,6 @@ def describe(
     done = dict(batch.admit(rows, list(range(len(rows))), checks))
     while len(batch):
         done.update(batch.step())
+    if batch.take_failed():
+        raise RuntimeError("generation failed: the model produced NaN")
     return [done[i] for i in range(len(rows))]

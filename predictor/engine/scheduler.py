@@ -53,7 +53,7 @@ import torch
 from predictor import metrics
 from predictor.engine.generation import Generator
 from predictor.engine.running_batch import RunningBatch
-from predictor.errors import DeadlineExceeded, QueueFull, Unavailable
+from predictor.errors import DeadlineExceeded, OutOfDeviceMemory, QueueFull, Unavailable
 from predictor.protocol import Completion
 from predictor.rows import Row
 
@@ -392,6 +392,7 @@ class Engine:
                 [s.row for s in rows], rows, [s.request.should_stop for s in rows]
             )
             self._first_token(rows)
+            self._fail_broken(batch)
             return finished
 
         live = self._live(slots)
@@ -415,11 +416,20 @@ class Engine:
         if finished is None:
             evicted = batch.evict(max(1, len(batch) // 2))
             logger.warning("out of memory decoding; %d rows fail", len(evicted))
-            _empty_cache()
+            empty_cache()
             for slot in evicted:
-                self._settle(slot, error=RuntimeError("out of device memory while decoding"))
+                self._settle(slot, error=OutOfDeviceMemory("while decoding"))
             return
+        self._fail_broken(batch)
         self._finished(finished)
+
+    def _fail_broken(self, batch: RunningBatch) -> None:
+        """Rows whose logits held a NaN left the batch: each fails alone, the others go on."""
+        failed = batch.take_failed()
+        if failed:
+            logger.warning("%d rows produced NaN logits; they fail, the batch goes on", len(failed))
+        for slot in failed:
+            self._settle(slot, error=RuntimeError("generation failed: the model produced NaN"))
 
     def _live(self, slots: list[_Slot]) -> list[_Slot]:
         live = [s for s in slots if not s.request.should_stop()]
@@ -476,6 +486,10 @@ class Engine:
             # keeps the failed prefill's frames and their tensors alive, and the allocator
             # could not give their memory back.
             out_of_memory = True
+        except OutOfDeviceMemory as exc:  # the vision encoder's, already handled there
+            for slot in slots:
+                self._settle(slot, error=exc)
+            return
         except Exception as exc:
             requests = list(dict.fromkeys(s.request for s in slots))
             if len(requests) == 1:
@@ -488,9 +502,9 @@ class Engine:
                 self._isolated([s for s in slots if s.request is request], run)
             return
         if out_of_memory:
-            _empty_cache()
+            empty_cache()
             if len(slots) == 1:
-                self._settle(slots[0], error=RuntimeError("out of device memory on one image"))
+                self._settle(slots[0], error=OutOfDeviceMemory("on one image"))
                 return
             logger.warning("out of memory on %d rows; splitting them", len(slots))
             half = len(slots) // 2
@@ -561,6 +575,6 @@ class Engine:
         self._thread.join(timeout=5)
 
 
-def _empty_cache() -> None:
+def empty_cache() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
