@@ -318,3 +318,32 @@ def test_bad_guide_inputs_name_the_field(inputs, parameters, field) -> None:
     with pytest.raises(InvalidRequest) as refused:
         parse_infer_request(v2_request(*inputs, parameters=parameters), LIMITS, "Describe.")
     assert refused.value.field == (field or "guided_decoding_guide")
+
+
+def test_cached_penalty_rows_give_what_building_them_gives(
+    compiler: GuideCompiler, tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(grammar, "PENALTY_ROWS", 2)  # float64 below: a cache of its own
+    guides = [Guide("regex", "[0-9]+"), Guide("regex", "[a-c]+"), Guide.choice(["x", "y"], "c")]
+    compiled = [compiler.compile(guide) for guide in guides]
+
+    def members(*which: int | None) -> list[_Member]:
+        return [
+            _Member(None if w is None else grammar.Constraint(compiled[w], [151645])) for w in which
+        ]
+
+    def expected(batch: list[_Member], logits: torch.Tensor) -> torch.Tensor:
+        bitmask = xgrammar.allocate_token_bitmask(len(batch), VOCAB)  # -1: everything allowed
+        for k, member in enumerate(batch):
+            if member.constraint is not None:
+                member.constraint.matcher.fill_next_token_bitmask(bitmask, k)
+        return logits + grammar.penalties(bitmask, VOCAB, logits.dtype, logits.device)
+
+    logits = torch.randn((4, VOCAB), dtype=torch.float64)
+    for batch in (
+        members(0, 1, 2, None),  # three masks: more than the cache holds
+        members(0, None, 1, 1),
+        members(2, 2, 2, 2),  # evicts the oldest; one mask for all, broadcast
+        members(0, 2, None, 0),
+    ):
+        assert torch.equal(grammar.mask(batch, logits), expected(batch, logits))

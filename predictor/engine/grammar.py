@@ -8,13 +8,16 @@ only pick a stop token, so it ends as any row does ("stop"); one that reaches it
 first ends with "length", its text possibly incomplete (as in vLLM and OpenAI).
 
 Cost: free rows pay nothing (no bitmask, no work when no row in the batch is constrained).
-For constrained rows xgrammar fills one bitmask row each (one call for the batch; tens of
-microseconds a row once its masks are cached), and the mask is applied as an addition: each
-bitmask byte indexes a table of eight 0 / -inf values, so the rows' penalties come from one
-embedding lookup and land on the logits in one addition. On a CPU that costs a fifth of xgrammar's
-own CPU kernel, whose per-bit branches cost 5.5 ms for 16 rows of 151,936 tokens; on a GPU it is
-the same few tensor operations, with no kernel to compile. Picking (greedy, sampled, with any
-penalty) then sees only allowed tokens.
+For each constrained row xgrammar fills a bitmask row (microseconds once its masks are
+cached), and the mask lands on the logits as one addition of a penalty row (0 or -inf per
+token). Penalty rows are cached by the bitmask's bytes (`_PenaltyCache`): a grammar's masks
+repeat (every step inside a JSON string allows the same tokens), so a step's penalties are
+usually a lookup, and a new one is built with one embedding lookup (each bitmask byte indexes
+a table of eight 0 / -inf values). On a CPU that costs a fraction of xgrammar's own CPU
+kernel, whose per-bit branches cost 5.5 ms for 16 rows of 151,936 tokens; on a GPU it is the
+same few tensor operations, with no kernel to compile. The logits are never written in place
+(a CUDA graph may own them). Picking (greedy, sampled, with any penalty) then sees only
+allowed tokens.
 
 Not thread-safe: the engine's worker thread is the only caller.
 """
@@ -22,6 +25,7 @@ Not thread-safe: the engine's worker thread is the only caller.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,6 +34,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 _TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+PENALTY_ROWS = 64  # cached penalty rows per dtype and device: 39 MB in float32 for Qwen
 
 
 class Constraint:
@@ -73,15 +78,23 @@ def mask(members: Sequence[Any], logits: torch.Tensor) -> torch.Tensor:
     rows = [i for i, m in enumerate(members) if m.constraint is not None]
     if not rows:
         return logits
-    matchers = [members[i].constraint.matcher for i in rows]
     vocab = logits.shape[-1]
-    words = (vocab + 31) // 32
-    bitmask = torch.empty((len(rows), words), dtype=torch.int32)
-    _batch_matcher().batch_fill_next_token_bitmask(matchers, bitmask)
-    penalty = penalties(bitmask, vocab, logits.dtype, logits.device)
-    if len(rows) == logits.shape[0]:
+    bitmask = torch.empty((len(rows), (vocab + 31) // 32), dtype=torch.int32)
+    keys = []
+    for k, row in enumerate(rows):
+        members[row].constraint.matcher.fill_next_token_bitmask(bitmask, k)
+        keys.append(bitmask[k].numpy().tobytes())
+    cache = _penalty_cache(logits.dtype, logits.device, vocab)
+    if len(set(keys)) > cache.size:  # more distinct masks than the cache holds: build them
+        penalty = torch.zeros_like(logits)
+        penalty[rows] = penalties(bitmask, vocab, logits.dtype, logits.device)
         return logits + penalty
-    return logits.index_add(0, torch.tensor(rows, device=logits.device), penalty)
+    slots = [0] * logits.shape[0]  # the zero row: free rows' logits come out unchanged
+    for k, row in enumerate(rows):
+        slots[row] = cache.slot(keys[k], bitmask[k])
+    if len(set(slots)) == 1:
+        return logits + cache.table[slots[0]]  # every row the same mask: one row, broadcast
+    return logits + cache.table.index_select(0, torch.tensor(slots, device=logits.device))
 
 
 def advance(members: Sequence[Any], tokens: Sequence[int]) -> None:
@@ -108,14 +121,45 @@ def penalties(
     return torch.nn.functional.embedding(codes, table).view(bitmask.shape[0], -1)[:, :vocab]
 
 
-_BATCH: list[Any] = []
+class _PenaltyCache:
+    """Penalty rows by the bitmask they come from, the most recently used kept, in one table
+    whose row 0 is zeros (free rows), so a batch's penalties are one row lookup each.
+
+    Why: a grammar's masks repeat. Every step inside a JSON string (or a regex's character
+    class) allows the same tokens, and rows at the same point of their grammars share a
+    mask; looking one up by the mask's bytes (19 KB for Qwen's vocabulary) costs
+    microseconds, building it again an embedding over the vocabulary."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device, vocab: int, size: int):
+        self.size = size
+        self.table = torch.zeros((size + 1, vocab), dtype=dtype, device=device)
+        self.slots: OrderedDict[bytes, int] = OrderedDict()  # mask -> its row, oldest first
+
+    def slot(self, key: bytes, bitmask: torch.Tensor) -> int:
+        """The table row of this mask's penalty, built in a free (or the oldest) row if new.
+        A call's distinct masks must number at most `size` (the oldest is not one of them)."""
+        found = self.slots.get(key)
+        if found is not None:
+            self.slots.move_to_end(key)
+            return found
+        if len(self.slots) < self.size:
+            found = len(self.slots) + 1
+        else:
+            _, found = self.slots.popitem(last=False)
+        vocab = self.table.shape[-1]
+        self.table[found] = penalties(
+            bitmask.view(1, -1), vocab, self.table.dtype, self.table.device
+        )[0]
+        self.slots[key] = found
+        return found
 
 
-def _batch_matcher() -> Any:
-    """xgrammar's batch filler, one call for every constrained row (on the calling thread:
-    the engine's step is the only other work, and it has the cores)."""
-    if not _BATCH:
-        import xgrammar
+_CACHES: dict[tuple[torch.dtype, torch.device, int], _PenaltyCache] = {}
 
-        _BATCH.append(xgrammar.BatchGrammarMatcher(max_threads=1))
-    return _BATCH[0]
+
+def _penalty_cache(dtype: torch.dtype, device: torch.device, vocab: int) -> _PenaltyCache:
+    key = (dtype, device, vocab)
+    cache = _CACHES.get(key)
+    if cache is None:
+        cache = _CACHES.setdefault(key, _PenaltyCache(dtype, device, vocab, PENALTY_ROWS))
+    return cache
