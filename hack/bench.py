@@ -18,6 +18,9 @@ measures
       (hack/cpu_shape_bench.py): roofline ÷ batch-1 step (goal >= 0.7), decode tokens/s at
       16 rows ÷ 1 row (goal >= 12), 4-bit peak RSS ÷ bf16 (goal <= 0.4)
   P3  full decode + resize of a 12-megapixel JPEG / the draft fast path   (goal >= 2.5)
+  P7  guided decoding: generated tokens/s of guided requests / free ones, 16 clients, for a
+      JSON schema and for a regex                                         (goal >= 0.85)
+      (plus the compile time of a typical 4-field schema, cold and cached)
   overload: 10x more clients than the queue holds: time to a 503, at a full server and at an
             idle one                                  (goal: median < 20 ms, p99 < 50 ms)
             and the server's resident memory before and after two bursts
@@ -27,6 +30,7 @@ configuration, no download; tokens/s at batch 1 and with 32 concurrent requests,
 token, and peak GPU memory, in bfloat16 and in 4-bit.
 
 Usage: python hack/bench.py [--json OUT.json] [--shape qwen3-vl-2b] [--quick] [--perf-analyzer]
+       python hack/bench.py --p7   (P7 alone, on a server of its own)
 """
 
 from __future__ import annotations
@@ -64,6 +68,8 @@ GOALS = {
     "P3": (">=", 2.5),
     "overload_503_ms": ("<", 20.0),  # median
     "overload_503_p99_ms": ("<", 50.0),
+    "P7_json_schema": (">=", 0.85),
+    "P7_regex": (">=", 0.85),
     "P8": ("<=", 0.5),
     "P8_clients": (">=", 8.0),
     "P9": (">=", 0.9),
@@ -388,16 +394,23 @@ def _p1_pairs(
 
 
 def full_length_pictures(
-    server, tokens: int, want: int = 4, size: tuple[int, int] = (640, 480)
+    server,
+    tokens: int,
+    want: int = 4,
+    size: tuple[int, int] = (640, 480),
+    parameters: dict | None = None,
 ) -> list[bytes]:
     """Pictures the random model describes with exactly `tokens` tokens (it never emits its
-    end-of-turn token for them). Fixed output lengths make 1 client and 16 clients do the same
-    work, as vLLM's benchmarks do with `ignore_eos`; otherwise a batch waits for its longest
-    row while a lone request may stop early, and the ratio measures the random model."""
+    end-of-turn token for them), with the request `parameters` given (a guide, for P7). Fixed
+    output lengths make 1 client and 16 clients do the same work, as vLLM's benchmarks do
+    with `ignore_eos`; otherwise a batch waits for its longest row while a lone request may
+    stop early, and the ratio measures the random model."""
     found: list[bytes] = []
     for seed in range(64):
         picture = jpeg_bytes(photo(*size, seed=seed))
-        reply = httpx.post(server.infer_url, json=infer_body(picture, tokens), timeout=120)
+        body = infer_body(picture, tokens)
+        body["parameters"].update(parameters or {})
+        reply = httpx.post(server.infer_url, json=body, timeout=120)
         outputs = {o["name"]: o["data"] for o in reply.json()["outputs"]}
         if outputs["finish_reason"] == ["length"]:
             found.append(picture)
@@ -409,9 +422,11 @@ def full_length_pictures(
 # ---- P2: batching throughput ------------------------------------------------------------
 
 
-def run_clients(url: str, bodies: list[bytes], clients: int) -> tuple[float, list[int]]:
+def run_clients(
+    url: str, bodies: list[bytes], clients: int, replies: list[dict] | None = None
+) -> tuple[float, list[int]]:
     """Send serialised `bodies` from `clients` threads, each on its own keep-alive
-    connection; return (seconds, status codes)."""
+    connection; return (seconds, status codes). `replies` collects the parsed answers."""
     statuses: list[int] = []
     lock = threading.Lock()
     chunks = [bodies[i::clients] for i in range(clients)]
@@ -422,9 +437,11 @@ def run_clients(url: str, bodies: list[bytes], clients: int) -> tuple[float, lis
         try:
             barrier.wait()
             for payload in chunk:
-                status, _ = connection.post(payload)
+                status, reply = connection.post(payload)
                 with lock:
                     statuses.append(status)
+                    if replies is not None:
+                        replies.append(reply)
         finally:
             connection.close()
 
@@ -549,6 +566,158 @@ def bench_engine_alone(
         "rps_16": statistics.median(rates_16),
         "rps_1": statistics.median(rates_1),
     }
+
+
+# ---- P7: guided decoding ----------------------------------------------------------------
+
+# A typical captioning schema: what the captioning client's --json-schema is for.
+P7_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "caption": {"type": "string"},
+        "objects": {"type": "array", "items": {"type": "string"}},
+        "count": {"type": "integer", "minimum": 0, "maximum": 1000},
+        "outdoor": {"type": "boolean"},
+    },
+    "required": ["caption", "objects", "count", "outdoor"],
+}
+P7_REGEX = r"[A-Z][a-z0-9 ,'-]*(\. [A-Z][a-z0-9 ,'-]*)*\."  # sentences
+
+
+def bench_p7(
+    server, model_dir: Path, pictures: list[bytes], tokens: int, per_client: int, rounds: int
+) -> dict:
+    """Generated tokens/s with 16 clients, guided / free, for a JSON schema and for a regex;
+    rounds interleave the three (free, schema, regex) and the median ratio is reported. Each
+    kind runs on pictures whose output runs to `tokens` under it (`full_length_pictures`;
+    `pictures` for the free one), so that every request does the same work and the ratio is
+    what the grammar costs, not where the random model happens to end. A guided output that
+    stops is checked (its JSON parses, its regex matches in full). Then the compile time of
+    `P7_SCHEMA` for this vocabulary, cold and from the cache."""
+    import re
+
+    guides = {
+        "free": {},
+        "json_schema": {
+            "guided_decoding_guide_type": "json_schema",
+            "guided_decoding_guide": json.dumps(P7_SCHEMA),
+        },
+        "regex": {"guided_decoding_guide_type": "regex", "guided_decoding_guide": P7_REGEX},
+    }
+
+    def bodies(parameters: dict) -> list[bytes]:
+        found = (
+            pictures
+            if not parameters
+            else full_length_pictures(server, tokens, 4, parameters=parameters)
+        )
+        out = []
+        for picture in found:
+            body = infer_body(picture, tokens)
+            body["parameters"].update(parameters)
+            out.append(serialised(body))
+        return [out[i % len(out)] for i in range(16 * per_client)]
+
+    kinds = {kind: bodies(parameters) for kind, parameters in guides.items()}
+    for many in kinds.values():  # compiles the guides, warms the server
+        run_clients(server.infer_url, many[:16], 16)
+    rates: dict[str, list[float]] = {kind: [] for kind in kinds}
+    lengths: dict[str, list[int]] = {kind: [] for kind in kinds}
+    stopped = {kind: 0 for kind in kinds}
+    for _ in range(rounds):
+        for kind, many in kinds.items():
+            replies: list[dict] = []
+            seconds, statuses = run_clients(server.infer_url, many, 16, replies)
+            assert set(statuses) == {200}, statuses
+            generated = 0
+            for reply in replies:
+                outputs = {o["name"]: o["data"][0] for o in reply["outputs"]}
+                generated += outputs["generated_tokens"]
+                lengths[kind].append(outputs["generated_tokens"])
+                if outputs["finish_reason"] == "stop" and kind != "free":
+                    stopped[kind] += 1
+                    if kind == "json_schema":
+                        json.loads(outputs["text"])
+                    else:
+                        assert re.fullmatch(P7_REGEX, outputs["text"]), outputs["text"]
+            rates[kind].append(generated / seconds)
+    results: dict = {}
+    for kind in ("json_schema", "regex"):
+        ratios = [g / f for g, f in zip(rates[kind], rates["free"], strict=True)]
+        ratio = statistics.median(ratios)
+        name = f"P7_{kind}"
+        print(
+            f"P7  guided ({kind}) / free, generated tokens/s at 16 clients: {ratio:.2f}  "
+            f"({statistics.median(rates[kind]):.0f} vs {statistics.median(rates['free']):.0f} "
+            f"tokens/s, mean {statistics.mean(lengths[kind]):.0f} vs "
+            f"{statistics.mean(lengths['free']):.0f} tokens a request, "
+            f"{stopped[kind]} of {len(lengths[kind])} ended by their grammar; rounds: "
+            f"{', '.join(f'{r:.2f}' for r in ratios)})  {verdict(name, ratio)}"
+        )
+        results[name] = {
+            "ratio": ratio,
+            "round_ratios": ratios,
+            "tokens_per_s": statistics.median(rates[kind]),
+            "free_tokens_per_s": statistics.median(rates["free"]),
+            "mean_tokens": statistics.mean(lengths[kind]),
+            "stopped_by_grammar": stopped[kind],
+        }
+    results["P7_compile"] = bench_p7_compile(model_dir)
+    return results
+
+
+def bench_p7_compile(model_dir: Path, runs: int = 7) -> dict:
+    """Compile time of `P7_SCHEMA` for the checkpoint's vocabulary (Qwen's 151,936 tokens),
+    with the server's compiler: cold (a schema not seen before: a different title each run)
+    and cached; and the one-time vocabulary set-up each process pays on its first guide."""
+    from transformers import AutoTokenizer
+
+    from predictor.engine.loading import load_vocab_size
+    from predictor.inputs.guides import GuideCompiler
+    from predictor.params import Guide
+    from predictor.settings import Settings
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    compiler = GuideCompiler(tokenizer, load_vocab_size(Settings(model_dir=str(model_dir))))
+    started = time.perf_counter()
+    compiler.compile(Guide("regex", "warm"))
+    setup_ms = (time.perf_counter() - started) * 1000
+    cold, cached = [], []
+    for run in range(runs):
+        schema = {**P7_SCHEMA, "title": f"Caption{run}"}
+        guide = Guide("json_schema", json.dumps(schema))
+        started = time.perf_counter()
+        compiler.compile(guide)
+        cold.append((time.perf_counter() - started) * 1000)
+        cached.append(median_ms(lambda guide=guide: compiler.compile(guide), 20))
+    compiler.close()
+    figures = {
+        "cold_ms": statistics.median(cold),
+        "cached_ms": statistics.median(cached),
+        "vocabulary_setup_ms": setup_ms,
+    }
+    print(
+        f"P7  compile a 4-field JSON schema for {compiler.vocab_size} tokens: "
+        f"{figures['cold_ms']:.0f} ms cold, {figures['cached_ms']:.3f} ms cached (medians of "
+        f"{runs}); the vocabulary's one-time set-up {setup_ms:.0f} ms"
+    )
+    return figures
+
+
+def p7_run(args: argparse.Namespace) -> dict:
+    """P7 alone, on a server of its own (`--p7`)."""
+    from hack.make_tiny_model import make_tiny_model
+    from tests.live_server import start_server
+
+    with tempfile.TemporaryDirectory(prefix="qwen-vl-bench-") as tmp:
+        work = Path(tmp)
+        model_dir = make_tiny_model(work / "tiny", "qwen3-vl")
+        server_args = [*SERVER_DEFAULTS, *args.server_arg]
+        with start_server(model_dir, work / "server.log", *server_args) as server:
+            print(f"server ready in {server.startup_s:.1f} s (tiny model, this machine's CPU)")
+            pictures = full_length_pictures(server, args.tokens)
+            rounds = 2 if args.quick else 5
+            return bench_p7(server, model_dir, pictures, args.tokens, per_client=2, rounds=rounds)
 
 
 # ---- P8: the decoding step's framework time ---------------------------------------------
@@ -1168,6 +1337,16 @@ def cpu_run(args: argparse.Namespace) -> dict:
                 model_dir, captions, SHORT_CAPTION_TOKENS, per_client=6, rounds=3, flags=flags
             )
             results["P9"] = bench_mixed_sizes(server, rounds=2 if args.quick else 3)
+            results.update(
+                bench_p7(
+                    server,
+                    model_dir,
+                    pictures,
+                    args.tokens,
+                    per_client=2,
+                    rounds=2 if args.quick else 5,
+                )
+            )
         results["P8"] = bench_p8(work, tuple(args.server_arg), runs=3 if args.quick else 5)
         if not args.skip_real_shape:
             from hack.cpu_shape_bench import run as real_shape_run
@@ -1322,6 +1501,9 @@ def main() -> None:
         action="store_true",
         help="instead: only the front's CPU per request (1 and 2 fronts) and the input cache",
     )
+    parser.add_argument(
+        "--p7", action="store_true", help="instead: only P7 (guided decoding), on its own server"
+    )
     parser.add_argument("--p1-worker", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.p1_worker:
@@ -1338,6 +1520,8 @@ def main() -> None:
             model_dir = make_tiny_model(Path(tmp) / "tiny", "qwen3-vl")
             server_args = (*SERVER_DEFAULTS, *args.server_arg)
             results = front_run(model_dir, Path(tmp), server_args)
+    elif args.p7:
+        results = p7_run(args)
     else:
         results = gpu_run(args) if args.shape else cpu_run(args)
     if args.json:

@@ -24,7 +24,13 @@ from predictor import metrics
 from predictor.engine.client import FrontLink, RemoteEngine
 from predictor.engine.decode_step import configure_compile_cache
 from predictor.engine.generation import Generator
-from predictor.engine.loading import load_checkpoint_sampling, load_model, load_processor
+from predictor.engine.loading import (
+    load_checkpoint_sampling,
+    load_model,
+    load_processor,
+    load_vocab_size,
+    vocab_size,
+)
 from predictor.engine.scheduler import Engine, EngineConfig, Reservation
 from predictor.errors import (
     EngineUnavailable,
@@ -34,11 +40,12 @@ from predictor.errors import (
     StartupError,
     Unavailable,
 )
+from predictor.inputs.guides import CompiledGuide, GuideCompiler
 from predictor.inputs.image_workers import ImageWorkers
 from predictor.inputs.images import ImageLimits
 from predictor.inputs.input_cache import MIB, InputCache
 from predictor.inputs.preprocessing import Preprocessor
-from predictor.params import PixelBudget, RequestLimits, sampling_defaults
+from predictor.params import PixelBudget, RequestLimits, SamplingParams, sampling_defaults
 from predictor.protocol import (
     INPUT_METADATA,
     OUTPUT_METADATA,
@@ -112,6 +119,7 @@ class QwenVLModel(Model):
         self.preprocessor: Generator | Preprocessor | None = None  # encodes rows for the engine
         self.inputs: Preprocessor | None = None  # images to patches, conversations to tokens
         self.engine: Engine | RemoteEngine | None = None
+        self.guides: GuideCompiler | None = None  # guided decoding: compiles requests' guides
         self.engine_failed: str | None = None  # why the engine process died, if it did
         # Called with that reason when it dies, on the engine's reader thread.
         self.death_listeners: list[Callable[[str], None]] = []
@@ -144,6 +152,7 @@ class QwenVLModel(Model):
         self.inputs = self.generator.preprocessor
         self.inputs.cache = InputCache(self.settings.input_cache_mb * MIB)
         self.inputs.pixel_dtype = loaded.model.dtype  # what the vision encoder casts to
+        self.guides = self._guide_compiler(vocab_size(loaded.model.config))
         self.limits = self._request_limits(
             self.generator.default_budget, self.generator.checkpoint_sampling
         )
@@ -168,6 +177,7 @@ class QwenVLModel(Model):
         self.preprocessor = self.inputs = Preprocessor(
             load_processor(self.settings), self.settings.input_cache_mb * MIB
         )
+        self.guides = self._guide_compiler(load_vocab_size(self.settings))
         self.limits = self._request_limits(
             self.preprocessor.default_budget, load_checkpoint_sampling(self.settings)
         )
@@ -193,6 +203,20 @@ class QwenVLModel(Model):
         so Kubernetes restarts the pod."""
         logger.error("%s: the pod can no longer serve as configured", detail)
         self._engine_died(detail)
+
+    def _guide_compiler(self, vocab: int) -> GuideCompiler:
+        assert self.preprocessor is not None
+        timeout = self.settings.guide_compile_timeout_s
+        return GuideCompiler(self.preprocessor.tokenizer, vocab, timeout_s=timeout)
+
+    def compile_guide(self, sampling: SamplingParams) -> CompiledGuide | None:
+        """The request's guide compiled (cached by content), or None for a free request;
+        blocks, so it runs on the image worker threads. A guide that does not compile in
+        time is a 400 naming its field."""
+        if sampling.guide is None:
+            return None
+        assert self.guides is not None, "compile_guide before load"
+        return self.guides.compile(sampling.guide)
 
     def _engine_died(self, detail: str) -> None:
         """The engine process is gone and will not come back: stop saying ready or live, and
@@ -220,6 +244,7 @@ class QwenVLModel(Model):
             max_images_per_request=self.settings.max_images_per_request,
             sampling_defaults=sampling,
             max_model_len=self.settings.max_model_len,
+            max_guide_bytes=self.settings.max_guide_bytes,
         )
 
     def stop(self) -> None:
@@ -229,6 +254,8 @@ class QwenVLModel(Model):
         self._stopped = True
         if self.engine is not None:
             self.engine.stop()
+        if self.guides is not None:
+            self.guides.close()
         super().stop()
 
     @property
@@ -343,10 +370,11 @@ class QwenVLModel(Model):
 
     def _decode_rows(self, parsed: ParsedRequest) -> list[Row]:
         """Decode, resize and encode every image of a request (runs on a worker thread)."""
+        grammar = self.compile_guide(parsed.sampling)  # before the images: a 400 costs less
         rows = []
         for index, (data, prompt) in enumerate(zip(parsed.images, parsed.prompts, strict=True)):
             content = [{"type": "image"}, {"type": "text", "text": prompt}]
-            row = Row((), ({"role": "user", "content": content},), parsed.sampling)
+            row = Row((), ({"role": "user", "content": content},), parsed.sampling, grammar=grammar)
             fields = (f"image[{index}]",)
             rows.append(self.encode_row(row, (data,), fields, parsed.budget, "max_new_tokens"))
         return rows

@@ -7,10 +7,11 @@ message that names the parameter.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from predictor.errors import InvalidRequest
@@ -18,6 +19,50 @@ from predictor.errors import InvalidRequest
 MAX_SEED = 2**63 - 1
 MAX_TEMPERATURE = 2.0
 MAX_TOP_K = 1_000_000
+DEFAULT_MAX_GUIDE_BYTES = 64 * 1024
+
+# Guided decoding on OIP v2, with TensorRT-LLM's Triton names (request parameters, or optional
+# BYTES inputs of shape [1] as its Triton models declare them).
+GUIDE_TYPE_PARAMETER = "guided_decoding_guide_type"
+GUIDE_PARAMETER = "guided_decoding_guide"
+# Its guide types -> ours. `json` (TensorRT-LLM: any JSON) is a schema of our own.
+GUIDE_TYPES = {
+    "json": "json_schema",
+    "json_schema": "json_schema",
+    "regex": "regex",
+    "ebnf_grammar": "ebnf",
+}
+ANY_JSON_SCHEMA = '{"type": ["object", "array"]}'
+JSON_OBJECT_SCHEMA = '{"type": "object"}'
+
+
+@dataclass(frozen=True)
+class Guide:
+    """What a row's whole output must match: guided (constrained) decoding.
+
+    The front compiles it (`predictor.inputs.guides`) before the row reaches the engine, and
+    the engine masks, at every step, the tokens the grammar does not allow.
+    kind: `json_schema` (text: the schema, JSON), `regex`, `choice` (text: a JSON list of the
+    allowed strings) or `ebnf` (xgrammar's EBNF, with a `root` rule). `field` is the request
+    field an error names; it is not part of what the guide means.
+    """
+
+    kind: str
+    text: str
+    field: str = field(default="", compare=False)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.kind, self.text)
+
+    @classmethod
+    def choice(cls, choices: list[str], field: str) -> Guide:
+        """One of `choices`, exactly (an empty list or an empty choice is refused)."""
+        if not choices:
+            raise InvalidRequest(field, "must list at least one choice")
+        if any(not isinstance(c, str) or not c for c in choices):
+            raise InvalidRequest(field, "choices must be non-empty strings")
+        return cls("choice", json.dumps(choices, ensure_ascii=False), field)
 
 
 @dataclass(frozen=True)
@@ -42,6 +87,7 @@ class SamplingParams:
     # Tokens generated before a stop token or string may end the row: stop tokens are masked
     # until then. `ignore_eos` is min_new_tokens = max_new_tokens (exactly that many tokens).
     min_new_tokens: int = 0
+    guide: Guide | None = None  # what the output must match (guided decoding), if anything
 
     @property
     def greedy(self) -> bool:
@@ -104,6 +150,7 @@ class RequestLimits:
     max_images_per_request: int
     sampling_defaults: SamplingDefaults = SamplingDefaults()
     max_model_len: int = 4096  # prompt and output tokens of one row
+    max_guide_bytes: int = DEFAULT_MAX_GUIDE_BYTES  # a schema, regex, grammar or choice list
 
 
 GENERATION_PARAMETERS = (
@@ -117,6 +164,8 @@ GENERATION_PARAMETERS = (
     "seed",
     "min_pixels",
     "max_pixels",
+    GUIDE_TYPE_PARAMETER,
+    GUIDE_PARAMETER,
 )
 # Parameters that take a whole number, and those that take any number (the rest are floats).
 INTEGER_PARAMETERS = frozenset(
@@ -177,9 +226,15 @@ def _float(
 
 
 def parse_generation_params(
-    params: Mapping[str, Any], limits: RequestLimits
+    params: Mapping[str, Any], limits: RequestLimits, guide: Guide | None = None
 ) -> tuple[SamplingParams, PixelBudget]:
-    """Validate the generation parameters in `params` (other keys are the caller's business)."""
+    """Validate the generation parameters in `params` (other keys are the caller's business).
+    `guide` is a guide the caller read from its own fields (the OpenAI route's); otherwise
+    the v2 guide parameters in `params` give it."""
+    if guide is None:
+        guide = parse_guide(params.get(GUIDE_TYPE_PARAMETER), params.get(GUIDE_PARAMETER))
+    if guide is not None:
+        check_guide_size(guide, limits)
     max_new_tokens = _int(params, "max_new_tokens", 1, limits.max_new_tokens_limit)
     max_new_tokens = max_new_tokens or limits.max_new_tokens
     min_new_tokens = _int(params, "min_new_tokens", 0, limits.max_new_tokens_limit) or 0
@@ -190,6 +245,15 @@ def parse_generation_params(
         )
     if _bool(params, "ignore_eos"):
         min_new_tokens = max_new_tokens
+        if guide is not None:
+            raise InvalidRequest(
+                "ignore_eos", "cannot be combined with guided decoding, which ends the output"
+            )
+    if min_new_tokens and guide is not None:
+        raise InvalidRequest(
+            "min_new_tokens",
+            "cannot be combined with guided decoding: the grammar decides where the output ends",
+        )
     default = limits.sampling_defaults
     temperature = _float(params, "temperature", 0.0, MAX_TEMPERATURE)
     top_p = _float(params, "top_p", 0.0, 1.0, lo_open=True)
@@ -205,8 +269,45 @@ def parse_generation_params(
             default.repetition_penalty if repetition_penalty is None else repetition_penalty
         ),
         seed=_int(params, "seed", 0, MAX_SEED),
+        guide=guide,
     )
     return sampling, _pixel_budget(params, limits)
+
+
+def parse_guide(guide_type: Any, guide: Any) -> Guide | None:
+    """The v2 guide parameters (`guided_decoding_guide_type`, `guided_decoding_guide`) as a
+    `Guide`, or None when neither is set. Only the form is checked here; whether the guide
+    compiles is `predictor.inputs.guides`' business."""
+    if guide_type is None and guide is None:
+        return None
+    accepted = ", ".join(GUIDE_TYPES)
+    if guide_type is None:
+        raise InvalidRequest(
+            GUIDE_TYPE_PARAMETER, f"is required with {GUIDE_PARAMETER} (one of {accepted})"
+        )
+    if not isinstance(guide_type, str) or guide_type not in GUIDE_TYPES:
+        raise InvalidRequest(GUIDE_TYPE_PARAMETER, f"must be one of {accepted}, got {guide_type!r}")
+    if guide_type == "json":
+        if guide not in (None, ""):
+            raise InvalidRequest(
+                GUIDE_PARAMETER, "is not used with guide type json (any JSON); use json_schema"
+            )
+        return Guide("json_schema", ANY_JSON_SCHEMA, GUIDE_PARAMETER)
+    if not isinstance(guide, str) or not guide:
+        raise InvalidRequest(
+            GUIDE_PARAMETER, f"must be a non-empty string with guide type {guide_type}"
+        )
+    return Guide(GUIDE_TYPES[guide_type], guide, GUIDE_PARAMETER)
+
+
+def check_guide_size(guide: Guide, limits: RequestLimits) -> None:
+    size = len(guide.text.encode("utf-8"))
+    if size > limits.max_guide_bytes:
+        raise InvalidRequest(
+            guide.field,
+            f"is {size} bytes, more than this server's limit of {limits.max_guide_bytes} "
+            "(--max_guide_bytes)",
+        )
 
 
 def _pixel_budget(params: Mapping[str, Any], limits: RequestLimits) -> PixelBudget:

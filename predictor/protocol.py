@@ -1,7 +1,9 @@
 """The Open Inference Protocol v2 contract of the predictor: tensors in, tensors out.
 
 Inputs: `image` (BYTES [N], one encoded image per element) and optional `prompt` (BYTES [N] or
-[1], broadcast). Request parameters: see `predictor.params`. Outputs: `text` (BYTES [N]),
+[1], broadcast); optional `guided_decoding_guide_type` and `guided_decoding_guide` (BYTES [1],
+for every image: TensorRT-LLM's Triton inputs, also accepted as request parameters). Request
+parameters: see `predictor.params`. Outputs: `text` (BYTES [N]),
 `finish_reason` (BYTES [N]) and `generated_tokens` (INT32 [N]).
 
 This module only translates: a KServe `InferRequest` (built from REST JSON, REST binary or gRPC)
@@ -24,6 +26,8 @@ from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, In
 from predictor.errors import InvalidRequest
 from predictor.params import (
     GENERATION_PARAMETERS,
+    GUIDE_PARAMETER,
+    GUIDE_TYPE_PARAMETER,
     PixelBudget,
     RequestLimits,
     SamplingParams,
@@ -54,11 +58,14 @@ CLIENT_PARAMETERS = {
 }
 SEQUENCE_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end")
 
+GUIDE_INPUTS = (GUIDE_TYPE_PARAMETER, GUIDE_PARAMETER)
 # Every input is required but these (Triton's model config says so; v2 metadata has no field).
-OPTIONAL_INPUTS = frozenset({PROMPT_INPUT})
+OPTIONAL_INPUTS = frozenset({PROMPT_INPUT, *GUIDE_INPUTS})
 INPUT_METADATA = [
     {"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]},
     {"name": PROMPT_INPUT, "datatype": "BYTES", "shape": [-1]},
+    {"name": GUIDE_TYPE_PARAMETER, "datatype": "BYTES", "shape": [1]},
+    {"name": GUIDE_PARAMETER, "datatype": "BYTES", "shape": [1]},
 ]
 OUTPUT_METADATA = [
     {"name": TEXT_OUTPUT, "datatype": "BYTES", "shape": [-1]},
@@ -258,11 +265,12 @@ def _prompt_text(element: Any, field: str) -> str:
 
 def _inputs_by_name(request: InferRequest) -> dict[str, InferInput]:
     by_name: dict[str, InferInput] = {}
+    known = (IMAGE_INPUT, PROMPT_INPUT, *GUIDE_INPUTS)
     for tensor in request.inputs or []:
-        if tensor.name not in (IMAGE_INPUT, PROMPT_INPUT):
+        if tensor.name not in known:
             raise InvalidRequest(
                 f"inputs.{tensor.name}",
-                f"unknown input; this model takes '{IMAGE_INPUT}' and '{PROMPT_INPUT}'",
+                f"unknown input; this model takes {', '.join(repr(k) for k in known)}",
             )
         if tensor.name in by_name:
             raise InvalidRequest(f"inputs.{tensor.name}", "is given more than once")
@@ -270,6 +278,31 @@ def _inputs_by_name(request: InferRequest) -> dict[str, InferInput]:
     if IMAGE_INPUT not in by_name:
         raise InvalidRequest(IMAGE_INPUT, "input is required (BYTES [N], one image each)")
     return by_name
+
+
+def _guide_inputs(tensors: Mapping[str, InferInput], params: Mapping[str, Any]) -> dict[str, str]:
+    """The guide inputs as the parameters of the same names (one text each, for every image)."""
+    values: dict[str, str] = {}
+    for name in GUIDE_INPUTS:
+        if name not in tensors:
+            continue
+        if name in params:
+            raise InvalidRequest(name, "is given both as an input and as a parameter")
+        tensor = tensors[name]
+        elements = tensor_elements(tensor, name)
+        _check_bytes_tensor(tensor, elements, name)
+        if len(elements) != 1:
+            raise InvalidRequest(name, f"must hold one element ([1]), got {len(elements)}")
+        element = elements[0]
+        if isinstance(element, bytes | bytearray):
+            try:
+                element = bytes(element).decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidRequest(name, "is not valid UTF-8") from None
+        if not isinstance(element, str):
+            raise InvalidRequest(name, f"must be text, got {type(element).__name__}")
+        values[name] = element
+    return values
 
 
 def _check_requested_outputs(request: InferRequest) -> None:
@@ -313,6 +346,7 @@ def parse_infer_request(
     _check_requested_outputs(request)
     params = read_parameters(request.parameters)
     _check_client_parameters(params)
+    params.update(_guide_inputs(tensors, params))
     sampling, budget = parse_generation_params(params, limits)
     return ParsedRequest(
         request_id=request.id or str(uuid.uuid4()),

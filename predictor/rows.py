@@ -47,6 +47,9 @@ class Row:
     group: int = 0  # the request it belongs to; only matters for seeded rows
     inputs: EncodedRow | None = field(default=None, compare=False)  # see Generator.encode
     on_text: TextSink | None = field(default=None, compare=False)  # streamed text deltas
+    # `sampling.guide` compiled (`predictor.inputs.guides.CompiledGuide`): the front compiles
+    # it, and it crosses to the engine process as xgrammar's serialised form.
+    grammar: Any = field(default=None, compare=False)
 
     @classmethod
     def single(cls, image: Image.Image, prompt: str, sampling: SamplingParams, **kw: Any) -> Row:

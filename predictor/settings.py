@@ -49,6 +49,9 @@ class Settings:
     max_images_per_request: int = 16
     max_image_bytes: int = 20 * MIB
     max_decoded_pixels: int = 50_000_000
+    # Guided decoding (predictor.inputs.guides): a guide's size, and its compile time.
+    max_guide_bytes: int = 64 * 1024
+    guide_compile_timeout_s: float = 2.0
     warmup: bool = True
     compile: bool = True
     compile_cache_dir: str = "/var/cache/qwen-vl"
@@ -100,6 +103,7 @@ class Settings:
             "max_batch_size",
             "max_queue_size",
             "max_model_len",
+            "max_guide_bytes",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -114,6 +118,8 @@ class Settings:
             raise ValueError("--batch_wait_ms must be >= 0 and --request_timeout_s > 0")
         if self.waiting_served_ratio < 0 or self.max_waiting_tokens < 0:
             raise ValueError("--waiting_served_ratio and --max_waiting_tokens must be >= 0")
+        if self.guide_compile_timeout_s <= 0:
+            raise ValueError("--guide_compile_timeout_s must be positive")
         if self.drain_timeout_s < 0:
             raise ValueError("--drain_timeout_s must be >= 0")
         if self.remote_image_timeout_s <= 0:
@@ -417,8 +423,16 @@ def build_parser(parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.Ar
         ("max_images_per_request", "images in one request"),
         ("max_image_bytes", "encoded bytes of one image"),
         ("max_decoded_pixels", "width x height of an image before resizing (decompression bombs)"),
+        ("max_guide_bytes", "bytes of a guide (JSON schema, regex, grammar or choice list)"),
     ):
         requests.add_argument(
             f"--{name}", type=int, default=_env(name, getattr(d, name), int), help=help_text
         )
+    requests.add_argument(
+        "--guide_compile_timeout_s",
+        type=float,
+        default=_env("guide_compile_timeout_s", d.guide_compile_timeout_s, float),
+        help="time a guide may take to compile (off the decode loop); longer: 400, and the "
+        "same guide is refused at once afterwards",
+    )
     return parser

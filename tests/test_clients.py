@@ -80,6 +80,8 @@ def test_tritonclient_http_reads_metadata_and_config(server: LiveServer) -> None
     assert [(t["name"], t["datatype"]) for t in metadata["inputs"]] == [
         ("image", "BYTES"),
         ("prompt", "BYTES"),
+        ("guided_decoding_guide_type", "BYTES"),
+        ("guided_decoding_guide", "BYTES"),
     ]
     config = client.get_model_config("qwen-vl")
     assert config["max_batch_size"] == 0
@@ -87,6 +89,8 @@ def test_tritonclient_http_reads_metadata_and_config(server: LiveServer) -> None
     assert [(i["name"], i["data_type"], i["dims"], i["optional"]) for i in config["input"]] == [
         ("image", "TYPE_STRING", [-1], False),
         ("prompt", "TYPE_STRING", [-1], True),
+        ("guided_decoding_guide_type", "TYPE_STRING", [1], True),
+        ("guided_decoding_guide", "TYPE_STRING", [1], True),
     ]
     assert [(o["name"], o["data_type"]) for o in config["output"]] == [
         ("text", "TYPE_STRING"),
@@ -104,6 +108,8 @@ def test_tritonclient_grpc_reads_metadata_and_config(server: LiveServer) -> None
     assert [(t["name"], t["datatype"]) for t in metadata["inputs"]] == [
         ("image", "BYTES"),
         ("prompt", "BYTES"),
+        ("guided_decoding_guide_type", "BYTES"),
+        ("guided_decoding_guide", "BYTES"),
     ]
     assert [t["name"] for t in metadata["outputs"]] == ["text", "finish_reason", "generated_tokens"]
     config = triton_grpc(server, "qwen-vl", "config")["config"]
@@ -127,6 +133,8 @@ def test_kserve_grpc_stub_reads_metadata(stub: GRPCInferenceServiceStub) -> None
     assert [(t.name, t.datatype, list(t.shape)) for t in metadata.inputs] == [
         ("image", "BYTES", [-1]),
         ("prompt", "BYTES", [-1]),
+        ("guided_decoding_guide_type", "BYTES", [1]),
+        ("guided_decoding_guide", "BYTES", [1]),
     ]
     assert [t.name for t in metadata.outputs] == ["text", "finish_reason", "generated_tokens"]
 

@@ -78,6 +78,49 @@ def test_continuous_batching_on_cuda_gives_the_tokens_generate_gives(tiny_qwen3_
     assert [finished[0], finished[1]] == expected
 
 
+def test_guided_rows_on_cuda_with_the_compiled_step(tiny_qwen3_vl: Path) -> None:
+    """The grammar's mask lands on the device's logits (CUDA graphs' output included), and
+    every stopped output matches its schema."""
+    import json
+    from dataclasses import replace
+
+    from predictor.engine.loading import vocab_size
+    from predictor.inputs.guides import GuideCompiler
+    from predictor.params import Guide
+
+    loaded = load_model(Settings(model_dir=str(tiny_qwen3_vl)))
+    generator = Generator(loaded.model, loaded.processor)
+    schema = {
+        "type": "object",
+        "properties": {
+            "caption": {"type": "string", "maxLength": 30},
+            "n": {"type": "integer", "minimum": 0, "maximum": 99},
+        },
+        "required": ["caption", "n"],
+    }
+    guide = Guide("json_schema", json.dumps(schema))
+    compiler = GuideCompiler(generator.tokenizer, vocab_size(loaded.model.config))
+    sampling = SamplingParams(max_new_tokens=48, guide=guide)
+    rows = []
+    for color in ((200, 40, 40), (40, 200, 40), (40, 40, 200)):
+        image = fit_to_budget(images.solid((64, 48), color), generator.default_budget, 32)
+        row = Row.single(image, "Describe this image.", sampling)
+        rows.append(replace(row, grammar=compiler.compile(guide)))
+    free = Row.single(rows[0].images[0], "Describe this image.", SamplingParams(max_new_tokens=8))
+    batch = RunningBatch(generator, max_rows=4, max_len=512, compile_step=True)
+    batch.warm_up()
+    done = dict(batch.admit([*rows, free], [0, 1, 2, 3], [None] * 4))
+    while len(batch):
+        done.update(batch.step())
+    stopped = [done[i] for i in range(3) if done[i].finish_reason == "stop"]
+    assert stopped and done[3].generated_tokens == 8
+    for completion in stopped:  # the schema, checked by hand (no jsonschema on that machine)
+        value = json.loads(completion.text)
+        assert set(value) == {"caption", "n"} and isinstance(value["n"], int)
+        assert isinstance(value["caption"], str) and len(value["caption"]) <= 30
+    compiler.close()
+
+
 def test_sampled_rows_on_cuda_are_batched_and_a_seed_repeats_itself(tiny_qwen3_vl: Path) -> None:
     """The batched on-device sampler on CUDA: seeded rows repeat their text whatever runs
     beside them, and unseeded rows with the checkpoints' kind of settings still finish."""

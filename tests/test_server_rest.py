@@ -50,6 +50,8 @@ def test_server_is_live_ready_and_describes_its_tensors(server: LiveServer) -> N
     assert [(i["name"], i["datatype"], i["shape"]) for i in metadata["inputs"]] == [
         ("image", "BYTES", [-1]),
         ("prompt", "BYTES", [-1]),
+        ("guided_decoding_guide_type", "BYTES", [1]),
+        ("guided_decoding_guide", "BYTES", [1]),
     ]
     assert [(o["name"], o["datatype"]) for o in metadata["outputs"]] == [
         ("text", "BYTES"),

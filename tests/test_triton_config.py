@@ -15,7 +15,15 @@ def test_config_follows_the_tensor_metadata() -> None:
     }
     assert [i["name"] for i in config["input"]] == [s["name"] for s in INPUT_METADATA]
     assert [o["name"] for o in config["output"]] == [s["name"] for s in OUTPUT_METADATA]
-    assert {i["name"]: i["optional"] for i in config["input"]} == {"image": False, "prompt": True}
+    assert {i["name"]: i["optional"] for i in config["input"]} == {
+        "image": False,
+        "prompt": True,
+        # TensorRT-LLM's guided-decoding inputs, as its Triton models declare them
+        "guided_decoding_guide_type": True,
+        "guided_decoding_guide": True,
+    }
+    guide = next(i for i in config["input"] if i["name"] == "guided_decoding_guide")
+    assert guide["data_type"] == "TYPE_STRING" and guide["dims"] == [1]
 
 
 def test_grpc_form_has_triton_s_field_numbers_and_the_same_content() -> None:

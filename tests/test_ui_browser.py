@@ -407,3 +407,67 @@ def test_an_error_in_the_middle_of_a_stream_is_shown_with_the_servers_message(
             page.close()
     assert shown["state"] == "error"
     assert shown["text"] == "request did not finish within 1 s", shown
+
+
+def structured_table(page) -> tuple[list[str], list[list[str]]]:
+    """The structured-results table: its header and its rows' cells."""
+    return page.evaluate(
+        """() => [
+            [...document.querySelectorAll('#structured thead th')].map((th) => th.textContent),
+            [...document.querySelectorAll('#structured tbody tr')].map((tr) =>
+                [...tr.children].map((cell) => cell.textContent)),
+        ]"""
+    )
+
+
+def test_a_schema_gives_a_table_of_its_properties_and_labels_one_label_each(
+    page, tmp_path: Path
+) -> None:
+    folder = tmp_path / "pictures"
+    write_pictures(folder)
+    names = ["red.jpg", "gradient.png", "blue.webp"]
+    page.set_input_files("#file-input", [str(folder / name) for name in names])
+    assert not page.is_visible("#schema") and not page.is_visible("#structured")
+    page.select_option("#structure", "schema")
+    assert page.is_visible("#schema") and not page.is_visible("#labels")
+    page.fill("#schema", "{not json")
+    page.get_by_role("button", name="Describe", exact=True).click()
+    assert page.evaluate("document.querySelector('#schema').matches(':invalid')")
+    assert {row["state"] for row in results(page).values()} == {"queued"}
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "caption": {"type": "string", "maxLength": 20},
+            "count": {"type": "integer", "minimum": 0, "maximum": 9},
+        },
+        "required": ["caption", "count"],
+    }
+    page.fill("#schema", json.dumps(schema))
+    page.fill("#max-tokens", "64")
+    page.get_by_role("button", name="Describe", exact=True).click()
+    page.wait_for_function(ALL_FINISHED, timeout=60_000)
+    header, rows = structured_table(page)
+    assert header == ["image", "caption", "count", "finish"]
+    assert [row[0] for row in rows] == names
+    shown = results(page)
+    stopped = [row for row in rows if row[3] == "stop"]
+    assert stopped  # the grammar ends most answers well within 64 tokens
+    for image, caption, count, _ in stopped:
+        assert json.loads(shown[image]["text"]) == {"caption": caption, "count": int(count)}
+        assert len(caption) <= 20 and 0 <= int(count) <= 9
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Download JSONL").click()
+    records = [json.loads(line) for line in Path(download.value.path()).read_text().splitlines()]
+    for record in records:
+        if record["finish_reason"] == "stop":
+            assert record["json"] == json.loads(record["text"])
+
+    page.select_option("#structure", "labels")
+    page.fill("#labels", "indoor, outdoor , under water")
+    page.get_by_role("button", name="Describe", exact=True).click()
+    page.wait_for_function(ALL_FINISHED, timeout=60_000)
+    header, rows = structured_table(page)
+    assert header == ["image", "label", "finish"]
+    assert {row[1] for row in rows} <= {"indoor", "outdoor", "under water"}
+    assert {row[2] for row in rows} == {"stop"}

@@ -8,6 +8,7 @@ credentials, a flag the server refuses); 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -21,8 +22,14 @@ from predictor.describe.files import (
     remove_stale_temp_files,
     shared_sidecars,
 )
-from predictor.describe.outputs import OUTPUT_MODES, ManifestError, Outputs
-from predictor.describe.protocols import PROTOCOLS, ClientConfig, make_client
+from predictor.describe.outputs import (
+    OUTPUT_MODES,
+    ManifestError,
+    Outputs,
+    csv_columns,
+    write_csv,
+)
+from predictor.describe.protocols import PROTOCOLS, ClientConfig, Structure, make_client
 from predictor.describe.retry import RetryPolicy
 from predictor.describe.runner import EXIT_INTERRUPTED, Runner
 
@@ -130,6 +137,20 @@ def build_parser() -> argparse.ArgumentParser:
     for name, kind in GENERATION_FLAGS.items():
         metavar = "N" if kind is int else "X"
         ask.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, metavar=metavar)
+    shape = parser.add_argument_group("structured captions (guided decoding on the server)")
+    structure = shape.add_mutually_exclusive_group()
+    structure.add_argument(
+        "--json-schema",
+        type=Path,
+        metavar="FILE",
+        help="every caption is a JSON object matching this JSON Schema; the JSONL record "
+        'carries it parsed ("json") and --csv gets a column per top-level property',
+    )
+    structure.add_argument(
+        "--choices",
+        metavar="A,B,C",
+        help="every caption is exactly one of these comma-separated labels",
+    )
     out = parser.add_argument_group("outputs")
     out.add_argument(
         "--output",
@@ -141,6 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--jsonl",
         type=Path,
         help=f"manifest path (default: IMAGES_DIR/{DEFAULT_MANIFEST})",
+    )
+    out.add_argument(
+        "--csv",
+        type=Path,
+        metavar="PATH",
+        help="also write a CSV table of the manifest at the end of each run (image, a column "
+        "per --json-schema property or the text, finish_reason, error); alone it means "
+        "--output jsonl",
     )
     out.add_argument(
         "--overwrite", action="store_true", help="describe images that have outputs again"
@@ -156,6 +185,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _structure(args: argparse.Namespace) -> Structure | None:
+    """`--json-schema` / `--choices` (ValueError naming the flag when unusable)."""
+    if args.json_schema is not None:
+        try:
+            schema = json.loads(args.json_schema.read_text(encoding="utf-8"))
+        except OSError as error:
+            raise ValueError(f"--json-schema: {error}") from None
+        except ValueError as error:
+            raise ValueError(f"--json-schema: {args.json_schema} is not JSON ({error})") from None
+        if not isinstance(schema, dict):
+            raise ValueError(f"--json-schema: {args.json_schema} must hold a JSON object")
+        return Structure(schema=schema)
+    if args.choices is not None:
+        choices = tuple(c.strip() for c in args.choices.split(",") if c.strip())
+        if not choices:
+            raise ValueError("--choices: give at least one label (a,b,c)")
+        return Structure(choices=choices)
+    return None
+
+
 def _client_config(args: argparse.Namespace) -> ClientConfig:
     prompt = args.prompt
     if args.prompt_file is not None:
@@ -168,6 +217,7 @@ def _client_config(args: argparse.Namespace) -> ClientConfig:
         model=args.model,
         prompt=prompt,
         parameters=parameters,
+        structure=_structure(args),
         headers=tuple(args.header),
         timeout_s=args.timeout,
         concurrency=args.concurrency,
@@ -189,14 +239,18 @@ def run(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.images_dir.is_dir():
         parser.error(f"{args.images_dir} is not a folder")
-    mode = args.output or ("jsonl" if args.jsonl else "sidecar")
+    mode = args.output or ("jsonl" if args.jsonl or args.csv else "sidecar")
     if mode == "sidecar" and args.jsonl:
         parser.error("--jsonl needs --output jsonl or both")
+    if mode == "sidecar" and args.csv:
+        parser.error("--csv needs the manifest: --output jsonl or both")
     manifest = args.jsonl or args.images_dir / DEFAULT_MANIFEST
     try:
         config = _client_config(args)
     except OSError as error:
         parser.error(f"--prompt-file: {error}")
+    except ValueError as error:
+        parser.error(str(error))
     _configure_logging(args.quiet)
 
     images = find_images(
@@ -205,7 +259,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         recursive=args.recursive,
         exclude=[manifest],
     )
-    outputs = Outputs(mode, manifest if mode != "sidecar" else None)
+    structure = config.structure
+    structured = structure is not None and structure.schema is not None
+    outputs = Outputs(mode, manifest if mode != "sidecar" else None, structured=structured)
     try:
         plan = outputs.plan(images, overwrite=args.overwrite, retry_failed=args.retry_failed)
     except ManifestError as error:
@@ -238,6 +294,9 @@ def run(argv: Sequence[str] | None = None) -> int:
     finally:
         client.close()
         outputs.close()
+        if args.csv is not None:
+            columns = csv_columns(structure.schema if structure is not None else None)
+            write_csv(args.csv, manifest, columns)
     if counts.fatal:
         logger.error("stopped: %s", counts.fatal)
     print(counts.summary(), file=sys.stderr, flush=True)

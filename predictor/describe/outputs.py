@@ -8,11 +8,21 @@ can tear only the last line, which the next run drops.
 
 JSONL records: `{"image": KEY, "text": ..., "finish_reason": ..., "generated_tokens": N}` or,
 for an image the server refused, `{"image": KEY, "error": "image[0]: ..."}`. KEY is the path
-relative to the images folder. There is at most one record per image.
+relative to the images folder. There is at most one record per image. With `--json-schema`
+a caption's record also carries `"json"`: the object its text parses to (absent when the text
+was cut at the token limit and does not parse).
+
+CSV (`--csv`): a table written from the manifest at the end of each run (so it holds every
+image the manifest does, this run's and earlier ones'), replaced whole: a column `image`, then
+one per top-level property of the `--json-schema` (or `text`), then `finish_reason` and
+`error`. Strings go in as they are, other values as JSON.
 """
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import io
 import json
 import logging
 import os
@@ -122,12 +132,13 @@ class Outputs:
     Thread-safe: workers record results concurrently; appends to the manifest take a lock.
     """
 
-    def __init__(self, mode: str, manifest_path: Path | None):
+    def __init__(self, mode: str, manifest_path: Path | None, structured: bool = False):
         if mode not in OUTPUT_MODES:
             raise ValueError(f"output mode must be one of {OUTPUT_MODES}, got {mode!r}")
         if mode != "sidecar" and manifest_path is None:
             raise ValueError(f"output mode {mode} needs a manifest path")
         self.mode = mode
+        self.structured = structured  # captions are JSON (--json-schema): records carry it
         self.sidecars = mode in ("sidecar", "both")
         self.manifest_path = manifest_path if mode != "sidecar" else None
         self._lock = threading.Lock()
@@ -187,14 +198,17 @@ class Outputs:
         """
         if self.sidecars:
             atomic_write(image.sidecar, caption.text.encode("utf-8"))
-        self._append(
-            {
-                "image": image.key,
-                "text": caption.text,
-                "finish_reason": caption.finish_reason,
-                "generated_tokens": caption.generated_tokens,
-            }
-        )
+        record: dict[str, Any] = {
+            "image": image.key,
+            "text": caption.text,
+            "finish_reason": caption.finish_reason,
+            "generated_tokens": caption.generated_tokens,
+        }
+        if self.structured:
+            # Cut at the token limit, the text does not parse: it says what there is.
+            with contextlib.suppress(ValueError):
+                record["json"] = json.loads(caption.text)
+        self._append(record)
 
     def record_rejection(self, image: ImageFile, message: str) -> None:
         """Remember that the server refused the image (manifest modes only)."""
@@ -214,3 +228,39 @@ class Outputs:
             if self._manifest is not None:
                 self._manifest.close()
                 self._manifest = None
+
+
+def csv_columns(schema: dict[str, Any] | None) -> list[str]:
+    """The CSV's value columns: the schema's top-level properties, else the text."""
+    properties = (schema or {}).get("properties")
+    if isinstance(properties, dict) and properties:
+        return list(properties)
+    return ["json"] if schema is not None else ["text"]
+
+
+def write_csv(path: Path, manifest: Path, columns: Sequence[str]) -> int:
+    """Write the CSV table of `manifest`'s records (see the module docstring), replacing
+    `path` whole; returns the rows written."""
+    records = sorted(load_manifest(manifest).records.values(), key=lambda r: r["image"])
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["image", *columns, "finish_reason", "error"])
+    for record in records:
+        data = record.get("json")
+        values = []
+        for column in columns:
+            if column == "text":
+                value = record.get("text", "")
+            elif column == "json":
+                value = data if data is not None else ""
+            else:
+                value = data.get(column, "") if isinstance(data, dict) else ""
+            values.append(
+                value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+            )
+        writer.writerow(
+            [record["image"], *values, record.get("finish_reason", ""), record.get("error", "")]
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, buffer.getvalue().encode("utf-8"))
+    return len(records)

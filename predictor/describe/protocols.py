@@ -9,6 +9,7 @@ into `predictor.describe.errors` once. A new protocol is one class here plus one
 from __future__ import annotations
 
 import base64
+import json
 import re
 import struct
 import sys
@@ -47,17 +48,46 @@ class Caption:
 
 
 @dataclass(frozen=True)
+class Structure:
+    """What every caption must be (guided decoding on the server): a JSON object matching
+    `schema`, or exactly one of `choices`. Each protocol sends it in its own fields."""
+
+    schema: dict[str, Any] | None = None
+    choices: tuple[str, ...] = ()
+
+    def v2_parameters(self) -> dict[str, str]:
+        """TensorRT-LLM's guide parameters, as the predictor's v2 route reads them."""
+        if self.schema is not None:
+            guide_type, guide = "json_schema", json.dumps(self.schema)
+        else:  # one literal per choice: no regex escaping to get wrong
+            guide_type = "ebnf_grammar"
+            guide = "root ::= " + " | ".join(
+                json.dumps(c, ensure_ascii=False) for c in self.choices
+            )
+        return {"guided_decoding_guide_type": guide_type, "guided_decoding_guide": guide}
+
+    def openai_fields(self) -> dict[str, Any]:
+        """OpenAI's `response_format` for a schema, vLLM's `structured_outputs` for choices."""
+        if self.schema is not None:
+            named = {"name": "caption", "schema": self.schema, "strict": True}
+            return {"response_format": {"type": "json_schema", "json_schema": named}}
+        return {"structured_outputs": {"choice": list(self.choices)}}
+
+
+@dataclass(frozen=True)
 class ClientConfig:
     """Where to send images and what to ask; the same for every image of a run.
 
     parameters: OIP v2 request parameters (max_new_tokens, temperature, ...), only those the
-    user set, so the server's defaults apply to the rest.
+    user set, so the server's defaults apply to the rest. structure: what every caption must
+    be (`--json-schema`, `--choices`), if anything.
     """
 
     url: str
     model: str = "qwen-vl"
     prompt: str | None = None
     parameters: Mapping[str, int | float] = field(default_factory=dict)
+    structure: Structure | None = None
     headers: tuple[tuple[str, str], ...] = ()
     timeout_s: float = 300.0
     concurrency: int = 1
@@ -156,8 +186,11 @@ class V2RestClient(Client):
                 {"name": "prompt", "datatype": "BYTES", "shape": [1], "data": [config.prompt]}
             )
         body: dict[str, Any] = {"inputs": inputs}
-        if config.parameters:
-            body["parameters"] = dict(config.parameters)
+        parameters: dict[str, Any] = dict(config.parameters)
+        if config.structure is not None:
+            parameters.update(config.structure.v2_parameters())
+        if parameters:
+            body["parameters"] = parameters
         return body
 
     @property
@@ -274,9 +307,14 @@ class V2GrpcClient(Client):
         if config.prompt is not None:
             prompt = request.inputs.add(name="prompt", datatype="BYTES", shape=[1])
             prompt.contents.bytes_contents.append(config.prompt.encode("utf-8"))
-        for key, value in config.parameters.items():
+        parameters: dict[str, Any] = dict(config.parameters)
+        if config.structure is not None:
+            parameters.update(config.structure.v2_parameters())
+        for key, value in parameters.items():
             parameter = request.parameters[key]
-            if isinstance(value, bool):
+            if isinstance(value, str):
+                parameter.string_param = value
+            elif isinstance(value, bool):
                 parameter.bool_param = value
             elif isinstance(value, int):
                 parameter.int64_param = value
@@ -418,6 +456,8 @@ class OpenAIClient(Client):
             "messages": [{"role": "user", "content": content}],
         }
         body.update({self.FIELDS[k]: v for k, v in self.config.parameters.items()})
+        if self.config.structure is not None:
+            body.update(self.config.structure.openai_fields())
         return body
 
     def describe(self, image: bytes) -> Caption:

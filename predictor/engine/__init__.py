@@ -13,6 +13,7 @@ The process boundary runs through this package:
   - `transfer`: the shared arena rows' pixel patches cross the boundary in;
   - `loading`: reading a checkpoint (dtype, device, quantization) into a `LoadedModel`;
   - `generation`: `Generator`, the model with its processor, stop rules and text;
+  - `grammar`: guided decoding's matchers and the logit mask of constrained rows;
   - `vision` and `patch_embedding`: the vision encoder, eager, on a CUDA stream of its own.
 In the in-process layout the server builds an `Engine` itself; with the engine process it
 builds a `RemoteEngine`, and the core builds the `Engine`. The request path sees the same

@@ -56,6 +56,7 @@ from typing import Any
 from predictor.engine.board import LoadBoard
 from predictor.engine.transfer import SharedArena
 from predictor.errors import DeadlineExceeded, OutOfDeviceMemory
+from predictor.inputs.guides import GuideCompiler
 from predictor.inputs.image_workers import ImageWorkers
 from predictor.rows import EncodedRow
 from predictor.settings import Settings
@@ -147,6 +148,10 @@ class Core:
         self._gauges: tuple[Any, Any, Any] | None = None  # set: the multiprocess metrics
         self._max_batch_size = max(1, int(getattr(engine.config, "max_batch_size", 1)))
         engine.on_load = self._report_load
+        # Guided rows' grammars arrive serialised (compiled by the front): read back, cached.
+        from predictor.engine.loading import vocab_size
+
+        self.guides = GuideCompiler(generator.tokenizer, vocab_size(generator.model.config))
 
     @classmethod
     def load(
@@ -251,6 +256,7 @@ class Core:
                         row,
                         inputs=self._encoded(client, tensors),
                         on_text=self._sink(client, request_id, index) if stream else None,
+                        grammar=self.guides.resolve(row.grammar) if row.grammar else None,
                     )
                     for index, (row, tensors, stream) in enumerate(
                         zip(rows, packed, streams, strict=True)

@@ -204,3 +204,17 @@ def load_checkpoint_sampling(settings: Settings) -> dict[str, Any]:
     except OSError:  # no generation_config.json: no checkpoint defaults
         return {}
     return config.to_diff_dict()
+
+
+def vocab_size(model_config: Any) -> int:
+    """The width of the model's logits: what a guided row's token bitmask covers."""
+    return int(model_config.get_text_config().vocab_size)
+
+
+def load_vocab_size(settings: Settings) -> int:
+    """`vocab_size` without loading the model (the server process, with `--engine_process`)."""
+    from transformers import AutoConfig
+
+    source = resolve_source(settings)
+    config = AutoConfig.from_pretrained(source.path_or_id, revision=source.revision)
+    return vocab_size(config)

@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 from transformers import DynamicCache
 
-from predictor.engine import sampling
+from predictor.engine import grammar, sampling
 from predictor.engine.decode_step import SPAN_STEP, DecodeStep, batch_buckets, bucket_for, span_for
 from predictor.engine.generation import Generator, _RowState
 from predictor.engine.sampling import RowSampling
@@ -57,6 +57,7 @@ class _Member:
     position: int = 0  # the rotary position of its next token
     token: int = 0  # its last token, the input of the next step
     broken: bool = False  # its logits held a NaN: it fails, alone
+    constraint: grammar.Constraint | None = None  # guided decoding: its grammar's matcher
 
     def done(self) -> bool:
         return (
@@ -154,9 +155,11 @@ class RunningBatch:
                 lengths[i],
                 length=lengths[i],
                 position=int(next_positions[i]),
+                constraint=grammar.constraint_for(row, self.generator.stop_token_ids),
             )
             for i, (row, owner, check) in enumerate(zip(rows, owners, stop_checks, strict=True))
         ]
+        logits = grammar.mask(members, logits)  # guided rows: only what their grammar allows
         tokens = self._pick(members, logits)
         first = len(self.members)
         for index, member in enumerate(members):
@@ -166,6 +169,7 @@ class RunningBatch:
                     slot, layer, cached.keys[index, :, -length:], cached.values[index, :, -length:]
                 )
         _feed(members, tokens)
+        grammar.advance(members, tokens)
         self.members = self.members + members
         return self._retire()
 
@@ -192,11 +196,13 @@ class RunningBatch:
         ).to(self.generator.device)
         span = span_for(max(lengths) + 1, self.max_len)
         logits = self.decode(inputs[0], inputs[1], inputs[2], span)[:count]
+        logits = grammar.mask(self.members, logits)  # guided rows: only what their grammar allows
         tokens = self._pick(self.members, logits)
         for member in self.members:
             member.length += 1
             member.position += 1
         _feed(self.members, tokens)
+        grammar.advance(self.members, tokens)
         return self._retire()
 
     @torch.inference_mode()

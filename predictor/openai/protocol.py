@@ -9,6 +9,10 @@ route are: `"4"`, `4.0` or `true` is not a `max_tokens`, `"0.5"` not a `temperat
 Beside OpenAI's own fields, the sampling extras that vLLM accepts and serving benchmarks send
 (aiperf, genai-perf, vLLM's `benchmark_serving`): `ignore_eos`, `min_tokens`, `top_k`,
 `repetition_penalty`, checked with the v2 route's ranges (`predictor.params`).
+
+Structured output: OpenAI's `response_format` (`text`, `json_object`, `json_schema`) and
+vLLM's `structured_outputs` (`json`, `regex`, `choice`, `grammar`, `json_object`), one of the
+two per request (`serving` turns either into a `predictor.params.Guide`).
 """
 
 from __future__ import annotations
@@ -57,6 +61,35 @@ class ProcessorKwargs(_Strict):
     max_pixels: int | None = None
 
 
+class JsonSchemaFormat(_Strict):
+    """`response_format.json_schema`: OpenAI's named schema. `strict` is accepted either way:
+    the schema is always enforced (as vLLM does)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's `structured_outputs`: exactly one of these."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")  # a JSON schema
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None  # EBNF, with a `root` rule
+    json_object: bool | None = None
+
+
 class ChatCompletionRequest(_Strict):
     model: str
     messages: list[Message] = Field(min_length=1)
@@ -72,6 +105,8 @@ class ChatCompletionRequest(_Strict):
     min_tokens: int | None = None
     ignore_eos: bool = False  # generate exactly max_tokens: the end of turn does not end it
     mm_processor_kwargs: ProcessorKwargs | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None  # vLLM's
     stop: str | list[str] | None = None
     n: int | None = None
     stream: bool = False

@@ -9,6 +9,7 @@ OIP v2 request can share one batch.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -22,7 +23,13 @@ from predictor.errors import InvalidRequest
 from predictor.inputs.chat_template import TemplateCheck
 from predictor.inputs.image_urls import RemotePolicy, fetch_image_url
 from predictor.openai.protocol import ChatCompletionRequest, Message, ProcessorKwargs, Usage
-from predictor.params import PixelBudget, SamplingParams, parse_generation_params
+from predictor.params import (
+    JSON_OBJECT_SCHEMA,
+    Guide,
+    PixelBudget,
+    SamplingParams,
+    parse_generation_params,
+)
 from predictor.protocol import Completion
 from predictor.rows import Row
 
@@ -141,7 +148,9 @@ class ChatService:
         }
         try:
             sampling, budget = parse_generation_params(
-                {k: v for k, v in params.items() if v is not None}, self.model.limits
+                {k: v for k, v in params.items() if v is not None},
+                self.model.limits,
+                guide=request_guide(request),
             )
         except InvalidRequest as exc:
             names = {**_OPENAI_NAMES, "max_new_tokens": tokens_field}
@@ -187,7 +196,8 @@ class ChatService:
         return converted, urls
 
     def _encode_row(self, messages, images, fields, sampling, budget) -> Row:
-        row = Row((), tuple(messages), sampling)
+        grammar = self.model.compile_guide(sampling)  # before the images: a 400 costs less
+        row = Row((), tuple(messages), sampling, grammar=grammar)
         return self.model.encode_row(row, images, fields, budget, "max_tokens")
 
     async def complete(self, call: ChatCall) -> Completion:
@@ -271,6 +281,74 @@ class ChatService:
         ]
         # "models" keeps KServe's v1 list-models answer for clients of GET /v1/models.
         return {"object": "list", "data": cards, "models": list(self.names)}
+
+
+def request_guide(request: ChatCompletionRequest) -> Guide | None:
+    """What the output must match: `response_format` or `structured_outputs`, or None."""
+    guides = []
+    response_format = request.response_format
+    if response_format is not None:
+        guide = _response_format_guide(response_format)
+        if guide is not None:
+            guides.append(guide)
+    if request.structured_outputs is not None:
+        guides.append(_structured_outputs_guide(request.structured_outputs))
+    if len(guides) > 1:
+        raise InvalidRequest(
+            "structured_outputs", "cannot be combined with a JSON response_format; send one"
+        )
+    return guides[0] if guides else None
+
+
+def _response_format_guide(response_format: Any) -> Guide | None:
+    kind, named = response_format.type, response_format.json_schema
+    if kind != "json_schema":
+        if named is not None:
+            raise InvalidRequest(
+                "response_format.json_schema", "is only allowed with type json_schema"
+            )
+        if kind == "json_object":
+            return Guide("json_schema", JSON_OBJECT_SCHEMA, "response_format")
+        return None  # text
+    if named is None:
+        raise InvalidRequest("response_format.json_schema", "is required with type json_schema")
+    if named.schema_ is None:
+        raise InvalidRequest("response_format.json_schema.schema", "is required")
+    return Guide("json_schema", json.dumps(named.schema_), "response_format.json_schema.schema")
+
+
+def _structured_outputs_guide(outputs: Any) -> Guide:
+    given = [
+        name
+        for name, value in (
+            ("json", outputs.json_),
+            ("regex", outputs.regex),
+            ("choice", outputs.choice),
+            ("grammar", outputs.grammar),
+            ("json_object", outputs.json_object or None),
+        )
+        if value is not None
+    ]
+    if len(given) != 1:
+        got = ", ".join(given) or "none"
+        raise InvalidRequest(
+            "structured_outputs",
+            f"must set one of json, regex, choice, grammar, json_object; got {got}",
+        )
+    (name,) = given
+    field = f"structured_outputs.{name}"
+    if name == "json":
+        schema = outputs.json_
+        text = schema if isinstance(schema, str) else json.dumps(schema)
+        return Guide("json_schema", text, field)
+    if name == "choice":
+        return Guide.choice(outputs.choice, field)
+    if name == "json_object":
+        return Guide("json_schema", JSON_OBJECT_SCHEMA, field)
+    text = outputs.regex if name == "regex" else outputs.grammar
+    if not text:
+        raise InvalidRequest(field, "must not be empty")
+    return Guide("regex" if name == "regex" else "ebnf", text, field)
 
 
 def usage(completion: Completion) -> Usage:

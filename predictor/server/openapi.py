@@ -46,12 +46,15 @@ class TensorParameters(_Doc):
 
 
 class InputTensor(_Doc):
-    name: Literal["image", "prompt"]
+    name: Literal["image", "prompt", "guided_decoding_guide_type", "guided_decoding_guide"]
     datatype: Literal["BYTES"]
-    shape: list[int] = Field(description="[N]; `prompt` may be [1] for all images")
+    shape: list[int] = Field(
+        description="[N]; `prompt` may be [1] for all images; the guide inputs are [1]"
+    )
     data: list[str] | None = Field(
         None,
-        description="image: base64 or a data:image/...;base64, URL per element; prompt: text",
+        description="image: base64 or a data:image/...;base64, URL per element; prompt: text; "
+        "the guide inputs: as the parameters of the same names",
     )
     parameters: TensorParameters | None = None
 
@@ -79,6 +82,14 @@ class InferParameters(_Doc):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     min_pixels: int | None = Field(None, ge=1, description="model-input pixels per image")
     max_pixels: int | None = Field(None, ge=1, description="at most --max_pixels_limit")
+    guided_decoding_guide_type: Literal["json", "json_schema", "regex", "ebnf_grammar"] | None = (
+        Field(None, description="guided decoding: what every output must match")
+    )
+    guided_decoding_guide: str | None = Field(
+        None,
+        description="the JSON schema, regex or EBNF grammar (none for json: any JSON); at "
+        "most --max_guide_bytes",
+    )
     binary_data_output: bool | None = Field(None, description="all outputs in binary")
     triton_enable_empty_final_response: bool | None = Field(
         None, description="accepted; this model is not decoupled"

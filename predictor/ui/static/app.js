@@ -19,6 +19,17 @@
     ["tags", "Tags (comma-separated)", "List tags for this image as one comma-separated list of lowercase keywords, nothing else."],
     ["custom", "Custom", ""],
   ];
+  // The JSON schema the page starts with: one caption object per image.
+  const DEFAULT_SCHEMA = {
+    type: "object",
+    properties: {
+      caption: { type: "string", maxLength: 120 },
+      objects: { type: "array", items: { type: "string", maxLength: 30 }, maxItems: 5 },
+      people: { type: "integer", minimum: 0, maximum: 100 },
+      outdoor: { type: "boolean" },
+    },
+    required: ["caption", "objects", "people", "outdoor"],
+  };
 
   const $ = (id) => document.getElementById(id);
   const els = {
@@ -48,6 +59,14 @@
     zip: $("download-zip"),
     ready: $("model-ready"),
     modelName: $("model-name"),
+    structure: $("structure"),
+    schema: $("schema"),
+    labels: $("labels"),
+    schemaField: $("schema-field"),
+    labelsField: $("labels-field"),
+    structuredWrap: $("structured-wrap"),
+    structuredHead: document.querySelector("#structured thead tr"),
+    structuredBody: document.querySelector("#structured tbody"),
   };
 
   /** @type {Item[]} */
@@ -83,11 +102,22 @@
     $("min-pixels-hint").textContent = `server default ${d.min_pixels}`;
     $("max-pixels-hint").textContent = `at most ${l.max_pixels}; server default ${d.max_pixels}`;
     els.reset.addEventListener("click", resetSettings);
-    for (const input of [els.topP, els.seed, els.minPixels, els.maxPixels]) {
+    for (const input of [els.topP, els.seed, els.minPixels, els.maxPixels, els.schema, els.labels]) {
       input.addEventListener("input", checkCrossFields);
     }
+    els.structure.addEventListener("change", showStructure);
     resetSettings();
   }
+
+  /** Show the schema or labels field the chosen output needs. */
+  function showStructure() {
+    els.schemaField.hidden = els.structure.value !== "schema";
+    els.labelsField.hidden = els.structure.value !== "labels";
+    checkCrossFields();
+  }
+
+  /** The labels typed, trimmed, empty ones dropped. */
+  const labelsOf = (text) => text.split(",").map((label) => label.trim()).filter(Boolean);
 
   function resetSettings() {
     const d = config.defaults;
@@ -100,7 +130,10 @@
     els.seed.value = "";
     els.minPixels.value = d.min_pixels;
     els.maxPixels.value = d.max_pixels;
-    checkCrossFields();
+    els.structure.value = "text";
+    els.schema.value = JSON.stringify(DEFAULT_SCHEMA, null, 2);
+    els.labels.value = "";
+    showStructure();
   }
 
   /** Checks the browser's min/max cannot express (the API's own rules). */
@@ -113,6 +146,20 @@
     const low = Number(els.minPixels.value);
     const high = Number(els.maxPixels.value);
     els.minPixels.setCustomValidity(low > high ? "Min pixels must not exceed max pixels." : "");
+    let schemaError = "";
+    if (els.structure.value === "schema") {
+      try {
+        const schema = JSON.parse(els.schema.value);
+        if (schema === null || typeof schema !== "object" || Array.isArray(schema)) {
+          schemaError = "The schema must be a JSON object.";
+        }
+      } catch (error) {
+        schemaError = `The schema is not JSON: ${error.message}`;
+      }
+    }
+    els.schema.setCustomValidity(schemaError);
+    const noLabels = els.structure.value === "labels" && !labelsOf(els.labels.value).length;
+    els.labels.setCustomValidity(noLabels ? "Give at least one label (indoor, outdoor)." : "");
   }
 
   /** The settings as request fields, or null after showing what is wrong. */
@@ -132,6 +179,11 @@
       min_pixels: Number(els.minPixels.value),
       max_pixels: Number(els.maxPixels.value),
       concurrency: Number(els.concurrency.value),
+      structure: {
+        kind: els.structure.value,
+        schema: els.structure.value === "schema" ? JSON.parse(els.schema.value) : null,
+        labels: els.structure.value === "labels" ? labelsOf(els.labels.value) : [],
+      },
     };
   }
 
@@ -145,6 +197,7 @@
       top_p: settings.top_p,
       top_k: settings.top_k,
       mm_processor_kwargs: { min_pixels: settings.min_pixels, max_pixels: settings.max_pixels },
+      ...structureFields(settings.structure),
       messages: [
         {
           role: "user",
@@ -157,6 +210,83 @@
     };
     const json = JSON.stringify(body);
     return settings.seed === "" ? json : `${json.slice(0, -1)},"seed":${settings.seed}}`;
+  }
+
+  /** The request fields of guided decoding: OpenAI's for a schema, vLLM's for labels. */
+  function structureFields(structure) {
+    if (structure.kind === "schema") {
+      return {
+        response_format: {
+          type: "json_schema",
+          json_schema: { name: "caption", schema: structure.schema, strict: true },
+        },
+      };
+    }
+    if (structure.kind === "labels") return { structured_outputs: { choice: structure.labels } };
+    return {};
+  }
+
+  // --- structured results -------------------------------------------------------------------
+
+  let table = null; // {columns, kind} for the run being shown, or null (free text)
+
+  function startTable(structure) {
+    table = null;
+    els.structuredHead.replaceChildren();
+    els.structuredBody.replaceChildren();
+    els.structuredWrap.hidden = structure.kind === "text";
+    if (structure.kind === "text") return;
+    const properties = structure.schema?.properties;
+    const columns =
+      structure.kind === "labels"
+        ? ["label"]
+        : properties && typeof properties === "object" && Object.keys(properties).length
+          ? Object.keys(properties)
+          : ["value"];
+    table = { columns, kind: structure.kind };
+    for (const name of ["image", ...columns, "finish"]) {
+      const th = document.createElement("th");
+      th.scope = "col";
+      th.textContent = name;
+      els.structuredHead.append(th);
+    }
+  }
+
+  const cellText = (value) =>
+    value === undefined ? "" : typeof value === "string" ? value : JSON.stringify(value);
+
+  /** One row per described image: its parsed object's properties (or its label). */
+  function renderTable() {
+    if (table === null) return;
+    const rows = [];
+    for (const item of items) {
+      if (item.state !== "done") continue;
+      const tr = document.createElement("tr");
+      tr.dataset.image = item.key;
+      const cells = [item.key];
+      let cut = false;
+      if (table.kind === "labels") {
+        cells.push(item.text);
+      } else if (item.data === undefined) {
+        cut = true; // cut at the token limit: the JSON does not parse
+        cells.push(...table.columns.map(() => ""));
+      } else if (table.columns.length === 1 && table.columns[0] === "value") {
+        cells.push(cellText(item.data));
+      } else {
+        const data = item.data !== null && typeof item.data === "object" ? item.data : {};
+        cells.push(...table.columns.map((name) => cellText(data[name])));
+      }
+      cells.push(item.finishReason || "");
+      cells.forEach((text, index) => {
+        const td = document.createElement(index === 0 ? "th" : "td");
+        if (index === 0) td.scope = "row";
+        td.textContent = text;
+        if (cut && index > 0 && index <= table.columns.length) td.className = "cut";
+        tr.append(td);
+      });
+      rows.push(tr);
+    }
+    els.structuredBody.replaceChildren(...rows);
   }
 
   // --- images -----------------------------------------------------------------------------
@@ -178,6 +308,7 @@
       this.seconds = null;
       this.error = null;
       this.errorParam = null;
+      this.data = undefined; // the parsed JSON of a schema's answer, when it parses
     }
 
     render() {
@@ -233,12 +364,14 @@
     /** The record `qwen-vl-describe` writes to its JSONL manifest for this image. */
     record() {
       if (this.state === "done") {
-        return {
+        const record = {
           image: this.key,
           text: this.text,
           finish_reason: this.finishReason || "",
           generated_tokens: this.tokens ?? 0,
         };
+        if (this.data !== undefined) record.json = this.data; // as describe --json-schema
+        return record;
       }
       if (this.state === "error") {
         // As describe reports an image problem on the OpenAI route: `image[0]: ...`.
@@ -479,6 +612,13 @@
       const response = await post(body, controller.signal, item);
       if (!response.ok) throw await errorOf(response);
       await readStream(response, item);
+      if (settings.structure.kind === "schema") {
+        try {
+          item.data = JSON.parse(item.text);
+        } catch {
+          item.data = undefined; // cut at the token limit
+        }
+      }
       item.state = "done";
       announce(`${item.key}: done, ${item.tokens ?? "?"} tokens.`);
     } catch (error) {
@@ -494,6 +634,7 @@
       item.seconds = (performance.now() - started) / 1000;
       run.controllers.delete(controller);
       item.show();
+      renderTable();
       updateProgress();
     }
   }
@@ -511,6 +652,7 @@
       item.show();
     }
     setRunning(true);
+    startTable(settings.structure);
     updateProgress();
     let next = 0;
     const worker = async () => {
@@ -571,10 +713,14 @@
 
   // --- downloads --------------------------------------------------------------------------
 
-  /** JSON as Python's `json.dumps(record, ensure_ascii=False)` writes it (describe's lines). */
-  function pythonJson(record) {
-    const fields = Object.entries(record).map(([k, v]) => `${JSON.stringify(k)}: ${JSON.stringify(v)}`);
-    return `{${fields.join(", ")}}`;
+  /** JSON as Python's `json.dumps(value, ensure_ascii=False)` writes it (describe's lines). */
+  function pythonJson(value) {
+    if (Array.isArray(value)) return `[${value.map(pythonJson).join(", ")}]`;
+    if (value !== null && typeof value === "object") {
+      const fields = Object.entries(value).map(([k, v]) => `${JSON.stringify(k)}: ${pythonJson(v)}`);
+      return `{${fields.join(", ")}}`;
+    }
+    return JSON.stringify(value);
   }
 
   function updateDownloads() {
