@@ -378,6 +378,19 @@ class OutOfMemoryOnceWhileDecoding(RecordingBatch):
         return super().step()
 
 
+def each_alone_at_once(engine: Engine, rows: list[Row]) -> list:
+    """Every row as a request of its own, all at once; results or exceptions, in order. The
+    engine is stopped after."""
+
+    async def scenario():
+        return await asyncio.gather(*(engine.submit([row]) for row in rows), return_exceptions=True)
+
+    try:
+        return asyncio.run(scenario())
+    finally:
+        engine.stop()
+
+
 def test_out_of_memory_while_decoding_fails_the_newest_rows_and_the_rest_go_on(
     generator,
 ) -> None:
@@ -385,14 +398,7 @@ def test_out_of_memory_while_decoding_fails_the_newest_rows_and_the_rest_go_on(
         generator, OutOfMemoryOnceWhileDecoding, max_batch_size=8, batch_wait_ms=200
     )
     rows = make_rows(generator, 4, 8)
-
-    async def scenario():
-        return await asyncio.gather(*(engine.submit([row]) for row in rows), return_exceptions=True)
-
-    try:
-        results = asyncio.run(scenario())
-    finally:
-        engine.stop()
+    results = each_alone_at_once(engine, rows)
     assert batches[0].steps[:4] == [4, 4, 4, 2]  # the third step failed; two rows went on
     assert [isinstance(r, RuntimeError) for r in results] == [False, False, True, True]
     assert "out of device memory" in str(results[2])
@@ -428,14 +434,7 @@ def test_a_row_whose_logits_hold_nan_fails_alone_and_the_others_go_on(generator)
         generator, NaNInOneRowOnce, max_batch_size=8, batch_wait_ms=200
     )
     rows = make_rows(generator, 4, 8)
-
-    async def scenario():
-        return await asyncio.gather(*(engine.submit([row]) for row in rows), return_exceptions=True)
-
-    try:
-        results = asyncio.run(scenario())
-    finally:
-        engine.stop()
+    results = each_alone_at_once(engine, rows)
     assert batches[0].steps[:4] == [4, 4, 4, 3]  # the poisoned row left at the third step
     assert [isinstance(r, RuntimeError) for r in results] == [False, True, False, False]
     assert "NaN" in str(results[1])
