@@ -250,7 +250,8 @@ def _image_bytes(element: Any, field: str) -> bytes:
     raise InvalidRequest(field, f"must be base64 text or raw bytes, got {type(element).__name__}")
 
 
-def _prompt_text(element: Any, field: str) -> str:
+def _text(element: Any, field: str) -> str:
+    """A BYTES element as text: UTF-8 bytes or a str, anything else refused naming `field`."""
     if isinstance(element, bytes | bytearray):
         try:
             element = bytes(element).decode("utf-8")
@@ -258,6 +259,11 @@ def _prompt_text(element: Any, field: str) -> str:
             raise InvalidRequest(field, "is not valid UTF-8") from None
     if not isinstance(element, str):
         raise InvalidRequest(field, f"must be text, got {type(element).__name__}")
+    return element
+
+
+def _prompt_text(element: Any, field: str) -> str:
+    element = _text(element, field)
     if len(element) > MAX_PROMPT_CHARS:
         raise InvalidRequest(field, f"is {len(element)} characters, more than {MAX_PROMPT_CHARS}")
     return element
@@ -293,15 +299,7 @@ def _guide_inputs(tensors: Mapping[str, InferInput], params: Mapping[str, Any]) 
         _check_bytes_tensor(tensor, elements, name)
         if len(elements) != 1:
             raise InvalidRequest(name, f"must hold one element ([1]), got {len(elements)}")
-        element = elements[0]
-        if isinstance(element, bytes | bytearray):
-            try:
-                element = bytes(element).decode("utf-8")
-            except UnicodeDecodeError:
-                raise InvalidRequest(name, "is not valid UTF-8") from None
-        if not isinstance(element, str):
-            raise InvalidRequest(name, f"must be text, got {type(element).__name__}")
-        values[name] = element
+        values[name] = _text(elements[0], name)
     return values
 
 
