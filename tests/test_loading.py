@@ -119,3 +119,37 @@ def test_every_family_loads(
     generator = Generator(loaded.model, loaded.processor)
     assert generator.resize_factor == factor
     RunningBatch(generator, max_rows=2, max_len=512).warm_up()
+
+
+def _mapped_checkpoint_files(directory: Path) -> list[str]:
+    """Files of `directory` this process has memory-mapped (from /proc/self/maps)."""
+    maps = Path("/proc/self/maps").read_text().splitlines()
+    return sorted({line.split()[-1] for line in maps if str(directory) in line})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["4bit", "8bit"])
+def test_a_quantized_load_keeps_no_mapping_of_the_checkpoint(
+    tiny_qwen3_vl: Path, mode: str
+) -> None:
+    """The same weights as transformers' own loading, read without mapping the file: a mapped
+    checkpoint stays resident in the server once its pages are read (the whole of it, since
+    quantizing reads every weight)."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForImageTextToText
+
+    settings = Settings(
+        model_dir=str(tiny_qwen3_vl), device="cpu", dtype="bfloat16", quantization=mode
+    )
+    loaded = load_model(settings)
+    assert _mapped_checkpoint_files(tiny_qwen3_vl) == []
+    config = quantization_config(mode, torch.device("cpu"), torch.bfloat16)
+    reference = AutoModelForImageTextToText.from_pretrained(
+        tiny_qwen3_vl, dtype=torch.bfloat16, quantization_config=config
+    )
+    ours, theirs = dict(loaded.model.named_parameters()), dict(reference.named_parameters())
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[name], theirs[name]) for name in ours)
+    assert loaded.model.generation_config.to_diff_dict() == (
+        reference.generation_config.to_diff_dict()
+    )
