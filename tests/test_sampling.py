@@ -141,3 +141,29 @@ def test_a_row_with_nan_logits_is_flagged_alone() -> None:
     rows = [RowSampling(SamplingParams(8, temperature=0.7, top_k=20), HISTORY) for _ in range(2)]
     _, broken = sampling.pick(rows, logits)
     assert broken == [False, True]
+
+
+def test_a_greedy_row_with_nan_logits_is_flagged_alone() -> None:
+    logits = torch.stack([logits_of("spread"), logits_of("spread")]).bfloat16()
+    logits[0, 151_000] = float("nan")
+    rows = [RowSampling(SamplingParams(8), HISTORY) for _ in range(2)]
+    tokens, broken = sampling.pick(rows, logits)
+    assert broken == [True, False] and tokens[1] == int(logits[1].float().argmax())
+
+
+@pytest.mark.parametrize("vocab", [VOCAB, 151_643, 64, 1000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_first_max_is_max_exactly_ties_and_nan_included(vocab, dtype) -> None:
+    random = torch.Generator().manual_seed(vocab)
+    # Few distinct values: many rows hold their maximum several times, across blocks.
+    scores = torch.randint(0, 7, (9, vocab), generator=random).to(dtype)
+    scores[1] = 0.0  # every token ties
+    scores[2, vocab // 3] = float("nan")
+    scores[3, -1] = 100.0  # the maximum in the last block
+    scores[4, [0, vocab - 1]] = 50.0  # first and last token tie: the first wins
+    values, indices = sampling.first_max(scores)
+    expected = scores.max(dim=-1)
+    assert torch.equal(indices, expected.indices)
+    assert torch.equal(values.isnan(), expected.values.isnan())
+    finite = ~values.isnan()
+    assert torch.equal(values[finite], expected.values[finite])
