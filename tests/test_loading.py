@@ -153,3 +153,14 @@ def test_a_quantized_load_keeps_no_mapping_of_the_checkpoint(
     assert loaded.model.generation_config.to_diff_dict() == (
         reference.generation_config.to_diff_dict()
     )
+
+
+def test_the_allocator_settings_take_on_glibc() -> None:
+    """A quantized load frees the bf16 checkpoint tensor by tensor; on glibc large blocks must
+    then go back to the system at once (a fixed mmap threshold) or the heap keeps them."""
+    import platform
+
+    from predictor.engine.loading import large_allocations_from_mmap, return_free_memory
+
+    assert large_allocations_from_mmap() == (platform.libc_ver()[0] == "glibc")
+    return_free_memory()
