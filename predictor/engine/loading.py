@@ -27,10 +27,15 @@ from predictor.settings import Settings
 logger = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
-# The vision tower stays in the model's dtype when the language model is quantized: it is a
-# tenth of the weights, runs once per image rather than once per token, and bitsandbytes' CPU
-# kernels cannot pack its narrowest layers. (The output layer too: transformers' default.)
+# The vision tower stays in the model's dtype when the language model is quantized, unless
+# --quantize_vision: it runs once per image rather than once per token, and vLLM and TGI keep
+# it too. (The output layer too: transformers' default, and tied to the input embedding.)
 UNQUANTIZED_MODULES = ["model.visual", "lm_head"]
+# bitsandbytes' CPU 4-bit layout (its AVX512-BF16 kernel) packs output rows in blocks of 32
+# and reads each row in blocks of the quantization's block size: a layer narrower than that
+# cannot be packed, and fails on its first product.
+CPU_4BIT_ROW_BLOCK = 32
+BNB_4BIT_BLOCKSIZE = 64
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -103,8 +108,15 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
-def quantization_config(mode: str, device: torch.device, dtype: torch.dtype) -> Any | None:
-    """A bitsandbytes config for 4/8-bit, or None; refuses where it cannot work."""
+def quantization_config(
+    mode: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    keep: list[str] | None = None,
+) -> Any | None:
+    """A bitsandbytes config for 4/8-bit, or None; refuses where it cannot work. `keep`: the
+    modules left in `dtype` (default `UNQUANTIZED_MODULES`)."""
+    keep = UNQUANTIZED_MODULES if keep is None else keep
     if mode == "none":
         return None
     if importlib.util.find_spec("bitsandbytes") is None:
@@ -119,9 +131,33 @@ def quantization_config(mode: str, device: torch.device, dtype: torch.dtype) -> 
             bnb_4bit_quant_type="nf4",
             bnb_4bit_compute_dtype=dtype,
             bnb_4bit_use_double_quant=True,
-            llm_int8_skip_modules=UNQUANTIZED_MODULES,
+            llm_int8_skip_modules=keep,
         )
-    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=UNQUANTIZED_MODULES)
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
+
+
+def unquantized_modules(source: ModelSource, mode: str, quantize_vision: bool) -> list[str]:
+    """The modules a quantized load leaves in the model's dtype: the output layer, and the
+    vision tower unless `quantize_vision`, and then, in 4 bits, the vision layers
+    bitsandbytes' CPU layout cannot pack (found on the meta device: no weights are read)."""
+    if not quantize_vision:
+        return list(UNQUANTIZED_MODULES)
+    keep = [name for name in UNQUANTIZED_MODULES if name != "model.visual"]
+    if mode != "4bit":
+        return keep
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(source.path_or_id, revision=source.revision)
+    with torch.device("meta"):
+        skeleton = AutoModelForImageTextToText.from_config(config)
+    for name, module in skeleton.named_modules():
+        if name.startswith("model.visual.") and isinstance(module, torch.nn.Linear):
+            narrow = module.out_features % CPU_4BIT_ROW_BLOCK or (
+                module.in_features % BNB_4BIT_BLOCKSIZE
+            )
+            if narrow:
+                keep.append(name)
+    return keep
 
 
 def check_architecture(source: ModelSource) -> str:
@@ -155,17 +191,19 @@ def load_model(settings: Settings) -> LoadedModel:
     source = resolve_source(settings)
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
-    quantization = quantization_config(settings.quantization, device, dtype)
     model_type = check_architecture(source)
+    keep = unquantized_modules(source, settings.quantization, settings.quantize_vision)
+    quantization = quantization_config(settings.quantization, device, dtype, keep)
     if device.type == "cpu":
         torch.set_num_threads(cpu_threads(settings.cpu_threads))
     logger.info(
-        "loading %s (%s) on %s as %s, quantization %s",
+        "loading %s (%s) on %s as %s, quantization %s%s",
         source.path_or_id,
         model_type,
         device,
         dtype,
         settings.quantization,
+        f" (kept in {dtype}: {', '.join(keep)})" if quantization is not None else "",
     )
     common = {"revision": source.revision, "trust_remote_code": False}
     processor = AutoProcessor.from_pretrained(source.path_or_id, **common)
