@@ -1132,7 +1132,8 @@ def _front_stages(model_dir: Path, picture: bytes, runs: int = 40) -> dict[str, 
         "JPEG decode (+ resize)": lambda: prepare_image(
             picture, limits, "image", budget, inputs.resize_factor
         ),
-        "pixel patches": lambda: inputs.patcher.patches(image, torch.bfloat16),
+        # uint8 in the patch layout; the engine normalises them (Patcher.normalise)
+        "pixel patches (uint8 frames)": lambda: inputs.patcher.frames(image),
         "tokens (cached text)": lambda: inputs.encode_processed(row, [processed]),
         "copy into the shared arena": pack,
     }
@@ -1316,26 +1317,7 @@ def cpu_run(args: argparse.Namespace) -> dict:
                 dtype=_flag_value(args.server_arg, "--dtype") or "auto",
                 compiled=_engine_flags(args.server_arg).get("compile", True),
             )
-            results["P2"] = bench_p2(
-                server, pictures, args.tokens, per_client=3, rounds=2 if args.quick else 5
-            )
-            flags = _engine_flags(args.server_arg)
-            results["P2_engine_alone"] = bench_engine_alone(
-                model_dir, pictures, args.tokens, per_client=3, rounds=3, flags=flags
-            )
-            side = SHORT_CAPTION_SIDE
-            captions = full_length_pictures(server, SHORT_CAPTION_TOKENS, size=(side, side))
-            results["P2s"] = bench_p2(
-                server,
-                captions,
-                SHORT_CAPTION_TOKENS,
-                per_client=6,
-                rounds=2 if args.quick else 5,
-                name="P2s",
-            )
-            results["P2s_engine_alone"] = bench_engine_alone(
-                model_dir, captions, SHORT_CAPTION_TOKENS, per_client=6, rounds=3, flags=flags
-            )
+            results.update(p2_figures(server, model_dir, pictures, args))
             results["P9"] = bench_mixed_sizes(server, rounds=2 if args.quick else 3)
             results.update(
                 bench_p7(
@@ -1359,6 +1341,44 @@ def cpu_run(args: argparse.Namespace) -> dict:
         )
         results.update(front_run(model_dir, work, tuple(args.server_arg)))
     return results
+
+
+def p2_figures(server, model_dir: Path, pictures: list[bytes], args: argparse.Namespace) -> dict:
+    """P2 and P2s on `server`, each with the engine alone beside it."""
+    results: dict = {}
+    rounds = 2 if args.quick else 5
+    results["P2"] = bench_p2(server, pictures, args.tokens, per_client=3, rounds=rounds)
+    flags = _engine_flags(args.server_arg)
+    results["P2_engine_alone"] = bench_engine_alone(
+        model_dir, pictures, args.tokens, per_client=3, rounds=3, flags=flags
+    )
+    side = SHORT_CAPTION_SIDE
+    captions = full_length_pictures(server, SHORT_CAPTION_TOKENS, size=(side, side))
+    results["P2s"] = bench_p2(
+        server, captions, SHORT_CAPTION_TOKENS, per_client=6, rounds=rounds, name="P2s"
+    )
+    results["P2s_engine_alone"] = bench_engine_alone(
+        model_dir, captions, SHORT_CAPTION_TOKENS, per_client=6, rounds=3, flags=flags
+    )
+    for name in ("P2", "P2s"):
+        share = results[name]["ratio"] / results[f"{name}_engine_alone"]["ratio"]
+        results[f"{name}_of_engine_alone"] = share
+        print(f"{name:<3} / the engine alone: {share:.2f}  (goal >= 0.9)")
+    return results
+
+
+def p2_run(args: argparse.Namespace) -> dict:
+    """P2 and P2s alone, on a server of their own (`--p2`)."""
+    from hack.make_tiny_model import make_tiny_model
+    from tests.live_server import start_server
+
+    args.server_arg = [*SERVER_DEFAULTS, *args.server_arg]
+    with tempfile.TemporaryDirectory(prefix="qwen-vl-bench-") as tmp:
+        work = Path(tmp)
+        model_dir = make_tiny_model(work / "tiny", "qwen3-vl")
+        with start_server(model_dir, work / "server.log", *args.server_arg) as server:
+            pictures = full_length_pictures(server, args.tokens)
+            return p2_figures(server, model_dir, pictures, args)
 
 
 def front_run(model_dir: Path, work: Path, server_args: tuple[str, ...]) -> dict:
@@ -1504,6 +1524,9 @@ def main() -> None:
     parser.add_argument(
         "--p7", action="store_true", help="instead: only P7 (guided decoding), on its own server"
     )
+    parser.add_argument(
+        "--p2", action="store_true", help="instead: only P2 and P2s (and the engine alone)"
+    )
     parser.add_argument("--p1-worker", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.p1_worker:
@@ -1522,6 +1545,8 @@ def main() -> None:
             results = front_run(model_dir, Path(tmp), server_args)
     elif args.p7:
         results = p7_run(args)
+    elif args.p2:
+        results = p2_run(args)
     else:
         results = gpu_run(args) if args.shape else cpu_run(args)
     if args.json:

@@ -63,6 +63,23 @@ def test_patches_equal_the_image_processors(image_processors, family, dtype) -> 
         assert torch.equal(patched.image_grid_thw, reference["image_grid_thw"])
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_frames_are_the_patches_bytes_once(image_processors, family) -> None:
+    """What the front sends: uint8, one frame per patch (an eighth of float32's bytes with
+    the repeated frame), which `normalise` turns into the processor's patches."""
+    processor = image_processors[family]
+    patcher = Patcher(processor)
+    image = _noise((448, 448))
+    frames = patcher.frames(image)
+    assert frames is not None and frames.pixel_values.dtype == torch.uint8
+    patches = patcher.patches(image, torch.float32)
+    assert frames.pixel_values.numel() * processor.temporal_patch_size == (
+        patches.pixel_values.numel()
+    )
+    assert torch.equal(frames.image_grid_thw, patches.image_grid_thw)
+    assert patcher.frames(_noise((100, 70))) is None  # off the grid: the processor's path
+
+
 def test_an_image_off_the_grid_goes_through_the_processor(image_processors) -> None:
     """Not a model-input size (never the case on the request path): the processor's own
     path, which resizes it."""
@@ -134,7 +151,8 @@ def test_the_same_bytes_hit_and_another_budget_misses(preprocessor) -> None:
     assert hit
     # What a hit returns is what decoding and patching the bytes gives.
     image = prepare_image(data, limits, "image", budget, preprocessor.resize_factor)
-    fresh = preprocessor.patcher.patches(image, preprocessor.pixel_dtype)
+    fresh = preprocessor.patcher.frames(image)
+    assert fresh is not None
     assert torch.equal(again.patched.pixel_values, fresh.pixel_values)
 
 
@@ -153,8 +171,55 @@ def test_encoded_rows_equal_the_processors(preprocessor) -> None:
     with_image = Row.single(image, "What is this?", sampling)
     without = Row((), with_image.messages, sampling)
     for _ in range(2):  # the text cache's miss, then its hit
-        encoded = preprocessor.encode_processed(without, [processed]).tensors
+        encoded = dict(preprocessor.encode_processed(without, [processed]).tensors)
         reference = dict(preprocessor.process([with_image]))
         assert encoded.keys() == reference.keys()
+        # The pixels as the engine normalises them before its vision encoder.
+        assert encoded["pixel_values"].dtype == torch.uint8
+        frames = encoded["pixel_values"]
+        encoded["pixel_values"] = preprocessor.patcher.normalise(frames, torch.float32)
         for key, value in reference.items():
             assert torch.equal(encoded[key], value), key
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_vision_encoder_receives_the_processors_patches(loaded_family, dtype) -> None:
+    """Every family and dtype: the engine normalises the front's uint8 frames into exactly
+    the processor's pixel values cast to the model's dtype, what the vision encoder took
+    before the frames existed."""
+    from predictor.engine.generation import Generator
+    from predictor.rows import EncodedRow
+
+    generator = Generator(loaded_family.model.to(dtype), loaded_family.processor)
+    received: list[torch.Tensor] = []
+    encode = generator.vision._encode
+
+    def recording(pixel_values: torch.Tensor, grid: torch.Tensor):
+        received.append(pixel_values)
+        return encode(pixel_values, grid)
+
+    generator.vision._encode = recording
+    try:
+        factor = generator.resize_factor
+        image = _noise((factor * 20, factor * 15), seed=5)
+        frames = generator.preprocessor.patcher.frames(image)
+        assert frames is not None
+        encoded = generator.encode_images(
+            EncodedRow(
+                {"pixel_values": frames.pixel_values, "image_grid_thw": frames.image_grid_thw}
+            )
+        )
+    finally:
+        generator.vision._encode = encode
+        loaded_family.model.to(torch.float32)
+    reference = loaded_family.processor.image_processor(
+        images=[image],
+        size={
+            "shortest_edge": image.width * image.height,
+            "longest_edge": image.width * image.height,
+        },
+        return_tensors="pt",
+    )["pixel_values"]
+    assert received[0].dtype == dtype
+    assert torch.equal(received[0], reference.to(dtype))
+    assert encoded.image_features is not None

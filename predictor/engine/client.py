@@ -274,13 +274,14 @@ class RemoteEngine:
             raise
 
     def _pack(self, inputs: EncodedRow | None, spans: list[Span]) -> dict | None:
-        """A row's processor tensors for the pipe: pixel patches (cast to the core's dtype,
-        which its vision encoder would do anyway) into the shared arena, the rest inline."""
+        """A row's processor tensors for the pipe: pixel patches into the shared arena (uint8
+        frames as they are, the core normalises them; float patches cast to the core's dtype,
+        which its vision encoder would do anyway), the rest inline."""
         if inputs is None:
             return None
         packed: dict[str, PackedTensor] = {}
         for key, tensor in inputs.tensors.items():
-            if key == "pixel_values":
+            if key == "pixel_values" and tensor.dtype != torch.uint8:  # uint8 frames stay so
                 tensor = tensor.to(self._pixel_dtype)
             packed[key] = self._arena.pack(tensor, spans, shared=key == "pixel_values")
         return packed

@@ -168,10 +168,15 @@ class Generator:
         pixel_values = tensors.pop("pixel_values")
         out_of_memory = False
         try:
-            features = self.vision(
-                pixel_values.to(self.device, dtype=self.model.dtype),
-                tensors["image_grid_thw"].to(self.device),
-            )
+            if pixel_values.dtype == torch.uint8:  # the front's frames: normalised here, on
+                # the device, where it costs nothing (`Patcher.normalise`: the processor's own
+                # arithmetic, bit for bit)
+                pixels = self.preprocessor.patcher.normalise(
+                    pixel_values.to(self.device), self.model.dtype
+                )
+            else:
+                pixels = pixel_values.to(self.device, dtype=self.model.dtype)
+            features = self.vision(pixels, tensors["image_grid_thw"].to(self.device))
         except torch.OutOfMemoryError:
             # Raised outside this block: inside it the traceback keeps the failed encoder's
             # activations alive, and the cache could not give their memory back.

@@ -4,12 +4,14 @@ image processor makes them, in a fraction of its time.
 Why our own: for a 448x448 image, transformers' `Qwen2VLImageProcessor` took about 2 ms of
 the front's CPU per request (a third of it in `patchify`'s float copy of every value twice,
 one per temporal frame, the rest in its generic grouping, conversion and validation), the
-largest part of what the server spent on a request. Here the same arithmetic runs once on a
-planar uint8 copy of the image: the processor's own `rescale_and_normalize` (so the floats are
-its floats, bit for bit), one cast to the engine's dtype, and one strided copy into the
-patch layout with both temporal frames. The result equals the processor's output cast to that
-dtype exactly (tests/test_patches.py checks every family and several sizes); the processor's
-own path stays for any image processor this one does not know.
+largest part of what the server spent on a request. Here the front only reorders the image's
+bytes into the patch layout, once, as uint8 (`frames`: one frame per patch, where `patchify`
+repeats it for the temporal axis), and the engine normalises them on its device right before
+the vision encoder (`normalise`: the processor's own `rescale_and_normalize`, so the floats
+are its floats bit for bit, one cast to the engine's dtype, the frame repeated). The result
+equals the processor's output cast to that dtype exactly (tests/test_patches.py checks every
+family, dtype and several sizes); the processor's own path stays for any image processor this
+one does not know.
 """
 
 from __future__ import annotations
@@ -56,35 +58,64 @@ class Patcher:
         )
 
     def patches(self, image: Image.Image, dtype: torch.dtype = torch.float32) -> Patched:
+        """The processor's pixel patches in `dtype`: `frames` then `normalise`, which is what
+        the engine's vision encoder receives from the front's uint8 frames."""
         if not self.fast:
             return self._processor_patches(image, dtype)
+        framed = self.frames(image)
+        if framed is None:
+            return self._processor_patches(image, dtype)  # not a model-input size: resize there
+        return Patched(self.normalise(framed.pixel_values, dtype), framed.image_grid_thw)
+
+    def frames(self, image: Image.Image) -> Patched | None:
+        """The image's patches as uint8 values, one temporal frame each: `[patches, channel x
+        patch x patch]`, the patch order and layout the processor's `patchify` gives (without
+        its repeated frame). None when this patcher cannot make them (`fast` false, or the
+        image is not at a model-input size): use `patches` then.
+
+        Why uint8: normalising is a per-value affine the engine applies on its device for
+        free (`normalise`), so the front only reorders bytes, and the shared arena carries a
+        quarter of float32's bytes (half of bfloat16's), an eighth counting the frame the
+        processor repeats."""
+        if not self.fast:
+            return None
         ip = self.image_processor
-        patch, temporal, merge = int(ip.patch_size), int(ip.temporal_patch_size), int(ip.merge_size)
+        patch, merge = int(ip.patch_size), int(ip.merge_size)
         width, height = image.size
         if width % (patch * merge) or height % (patch * merge):
-            return self._processor_patches(image, dtype)  # not a model-input size: resize there
+            return None
         planar = torch.from_numpy(np.stack([np.asarray(band) for band in image.split()]))
-        values = ip.rescale_and_normalize(
-            planar.unsqueeze(0),
+        channels = planar.shape[0]
+        grid_h, grid_w = height // patch, width // patch
+        # patchify's layout less its temporal axis: [grid_h/m, grid_w/m, m, m, channel, p, p]
+        blocks = planar.reshape(
+            channels, grid_h // merge, merge, patch, grid_w // merge, merge, patch
+        ).permute(1, 4, 2, 5, 0, 3, 6)
+        values = blocks.contiguous().view(grid_h * grid_w, channels * patch * patch)
+        return Patched(values, torch.tensor([[1, grid_h, grid_w]], dtype=torch.long))
+
+    def normalise(self, frames: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """uint8 `frames` (on any device) to the processor's pixel patches in `dtype`: its own
+        `rescale_and_normalize` (the same float32 operations on every value, so the same
+        floats bit for bit), one cast, and each frame repeated `temporal_patch_size` times,
+        as `patchify` repeats a still image."""
+        ip = self.image_processor
+        count, values = frames.shape
+        channels = values // (int(ip.patch_size) ** 2)
+        temporal = int(ip.temporal_patch_size)
+        normalised = ip.rescale_and_normalize(
+            frames.view(count, channels, int(ip.patch_size), int(ip.patch_size)),
             ip.do_rescale,
             ip.rescale_factor,
             ip.do_normalize,
             ip.image_mean,
             ip.image_std,
-        )[0]
-        if values.dtype != dtype:
-            values = values.to(dtype)
-        channels = values.shape[0]
-        grid_h, grid_w = height // patch, width // patch
-        # patchify's layout: [grid_h/m, grid_w/m, m, m, channel, temporal, patch, patch]
-        blocks = values.reshape(
-            channels, grid_h // merge, merge, patch, grid_w // merge, merge, patch
-        ).permute(1, 4, 2, 5, 0, 3, 6)
-        shape = (grid_h // merge, grid_w // merge, merge, merge, channels, temporal, patch, patch)
-        out = torch.empty(shape, dtype=dtype)
-        out.copy_(blocks.unsqueeze(5).expand(shape))
-        pixel_values = out.view(grid_h * grid_w, channels * temporal * patch * patch)
-        return Patched(pixel_values, torch.tensor([[1, grid_h, grid_w]], dtype=torch.long))
+        )
+        if normalised.dtype != dtype:
+            normalised = normalised.to(dtype)
+        shape = (count, channels, temporal, values // channels)
+        repeated = normalised.view(count, channels, 1, -1).expand(shape)
+        return repeated.reshape(count, channels * temporal * (values // channels))
 
     def _processor_patches(self, image: Image.Image, dtype: torch.dtype) -> Patched:
         pixels = image.width * image.height

@@ -40,9 +40,8 @@ class Preprocessor:
         self._text_lock = threading.Lock()  # runs on many request threads
         self.patcher = Patcher(processor.image_processor)
         self.cache = InputCache(cache_bytes)
-        # The engine's dtype, once known: patches are made in it (the vision encoder casts to
-        # it anyway), so a cached entry holds half the bytes in bfloat16 and the transfer to
-        # the engine is a plain copy.
+        # The engine's dtype, once known: for an image processor `Patcher.frames` does not
+        # know, patches are made in it (the vision encoder casts to it anyway).
         self.pixel_dtype = torch.float32
 
     @property
@@ -87,7 +86,10 @@ class Preprocessor:
             if cached is not None:
                 return cached, True
         image = prepare_image(data, limits, field, budget, self.resize_factor)
-        processed = ProcessedImage(image.size, self.patcher.patches(image, self.pixel_dtype))
+        # uint8 frames the engine normalises (`Patcher.normalise`), or, for an image processor
+        # the patcher does not know, the processor's own patches in the engine's dtype.
+        patched = self.patcher.frames(image) or self.patcher.patches(image, self.pixel_dtype)
+        processed = ProcessedImage(image.size, patched)
         if key is not None:
             self.cache.put(key, processed)
         return processed, False
@@ -115,6 +117,12 @@ class Preprocessor:
         if not images:
             return EncodedRow(dict(text))
         pixels = [image.patched.pixel_values for image in images]
+        if len({p.dtype for p in pixels}) > 1:  # frames beside float patches (an image off the
+            # model-input grid, never on the request path): one dtype for the concatenation
+            pixels = [
+                self.patcher.normalise(p, self.pixel_dtype) if p.dtype == torch.uint8 else p
+                for p in pixels
+            ]
         grids = [image.patched.image_grid_thw for image in images]
         return EncodedRow(
             {
