@@ -7,7 +7,8 @@ engine's own loading and decoding step (`RunningBatch`, compiled as the server c
              decoding step's time (goal >= 0.7: the step is close to reading its weights once)
   rows 16/1  decode-phase tokens/s with 16 rows ÷ with 1 row (goal >= 12)
   4-bit RSS  peak resident memory of a process that loads the model and decodes, 4-bit ÷
-             bfloat16 (goal <= 0.4)
+             bfloat16 (goal <= 0.4), as shipped (the vision tower in bf16), and beside it
+             with --quantize_vision true
 
 Run by `hack/bench.py` (its CPU run) or alone:
   python hack/cpu_shape_bench.py [--shape qwen3-vl-2b] [--threads 1] [--json out.json]
@@ -107,7 +108,9 @@ def decode_figures(checkpoint: Path, threads: int) -> dict:
     return figures
 
 
-def peak_rss_worker(checkpoint: str, quantization: str, threads: int) -> None:
+def peak_rss_worker(
+    checkpoint: str, quantization: str, threads: int, quantize_vision: bool = False
+) -> None:
     """In a process of its own: load, decode a few steps, print the peak RSS in MB, with the
     peak and the RSS right after loading (transformers may hold bf16 copies while it
     quantizes, so the load can be the peak)."""
@@ -121,7 +124,13 @@ def peak_rss_worker(checkpoint: str, quantization: str, threads: int) -> None:
     from predictor.rows import Row
     from predictor.settings import Settings
 
-    settings = Settings(model_dir=checkpoint, device="cpu", dtype="auto", quantization=quantization)
+    settings = Settings(
+        model_dir=checkpoint,
+        device="cpu",
+        dtype="auto",
+        quantization=quantization,
+        quantize_vision=quantize_vision,
+    )
     loaded = load_model(settings)
     after_load = {"load_peak_rss_mb": _high_water_mb(), "load_rss_mb": _status_mb("VmRSS")}
     torch.set_num_threads(threads)
@@ -146,11 +155,21 @@ def _status_mb(field: str) -> float:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def memory_mb(checkpoint: Path, quantization: str, threads: int) -> dict:
+def memory_mb(
+    checkpoint: Path, quantization: str, threads: int, quantize_vision: bool = False
+) -> dict:
     """{"peak_rss_mb", "rss_mb", "load_peak_rss_mb", "load_rss_mb"} of a worker process: its
     peak and its RSS after decoding, and the same two right after loading."""
     done = subprocess.run(
-        [sys.executable, __file__, "--rss-worker", str(checkpoint), quantization, str(threads)],
+        [
+            sys.executable,
+            __file__,
+            "--rss-worker",
+            str(checkpoint),
+            quantization,
+            str(threads),
+            str(quantize_vision).lower(),
+        ],
         check=True,
         capture_output=True,
         text=True,
@@ -185,6 +204,7 @@ def run(shape: str = "qwen3-vl-2b", threads: int = 1) -> dict:
         )
         bf16 = memory_mb(checkpoint, "none", threads)
         four = memory_mb(checkpoint, "4bit", threads)
+        vision = memory_mb(checkpoint, "4bit", threads, quantize_vision=True)
         ratio = four["peak_rss_mb"] / bf16["peak_rss_mb"]
         figures.update(
             rss_bf16_mb=bf16["peak_rss_mb"],
@@ -194,6 +214,8 @@ def run(shape: str = "qwen3-vl-2b", threads: int = 1) -> dict:
             rss_after_decode_4bit_mb=four["rss_mb"],
             rss_load_peak_bf16_mb=bf16["load_peak_rss_mb"],
             rss_load_peak_4bit_mb=four["load_peak_rss_mb"],
+            rss_4bit_vision_mb=vision["peak_rss_mb"],
+            rss_4bit_vision_over_bf16=vision["peak_rss_mb"] / bf16["peak_rss_mb"],
         )
         print(
             f"{shape}: peak RSS 4-bit {four['peak_rss_mb']:.0f} MB / bf16 "
@@ -201,6 +223,10 @@ def run(shape: str = "qwen3-vl-2b", threads: int = 1) -> dict:
             f"; loading's peak {four['load_peak_rss_mb']:.0f} MB / "
             f"{bf16['load_peak_rss_mb']:.0f} MB; after loading and decoding: "
             f"{four['rss_mb']:.0f} MB / {bf16['rss_mb']:.0f} MB"
+        )
+        print(
+            f"{shape}: with --quantize_vision true (the vision tower in 4 bits too): peak RSS "
+            f"{vision['peak_rss_mb']:.0f} MB, {figures['rss_4bit_vision_over_bf16']:.2f} of bf16"
         )
     return figures
 
@@ -210,11 +236,11 @@ def main() -> None:
     parser.add_argument("--shape", default="qwen3-vl-2b", choices=("qwen3-vl-2b", "qwen3-vl-8b"))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--rss-worker", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--rss-worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_worker:
-        checkpoint, quantization, threads = args.rss_worker
-        peak_rss_worker(checkpoint, quantization, int(threads))
+        checkpoint, quantization, threads, quantize_vision = args.rss_worker
+        peak_rss_worker(checkpoint, quantization, int(threads), quantize_vision == "true")
         return
     figures = run(args.shape, args.threads)
     if args.json:
