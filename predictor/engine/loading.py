@@ -242,7 +242,7 @@ def checkpoint_files(directory: Path) -> list[Path]:
 
 # glibc's mallopt parameter numbers (malloc.h).
 _M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD_BYTES = 4 * 1024 * 1024
+MMAP_THRESHOLD_BYTES = 1024 * 1024
 
 
 def _glibc() -> Any | None:
@@ -263,10 +263,12 @@ def large_allocations_from_mmap(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
     of each freed mapped block, so after the first few the weights come from the heap, and a
     heap with a small live block on top of a freed weight cannot shrink: Qwen3-VL-2B's 4-bit
     load ended 0.65 GB above its live memory, and that was the process's peak. A fixed
-    threshold (setting it turns glibc's adjustment off) returns each freed block at once. The
-    cost is a fresh mapping for each large tensor later (a few page faults per decoding step
-    for the logits), small beside a step that reads the weights. Equivalent to starting the
-    process with MALLOC_MMAP_THRESHOLD_=4194304. Returns whether the setting took.
+    threshold (setting it turns glibc's adjustment off) returns each freed block at once; 1 MiB
+    rather than 4 MiB also keeps a prefill's activations off the heap (measured: 128 MB less at
+    the decoding peak). The cost is a fresh mapping for each large tensor later (page faults
+    for the logits and a prefill's activations), small beside a step that reads the weights.
+    Equivalent to starting the process with MALLOC_MMAP_THRESHOLD_=1048576. Returns whether
+    the setting took.
     """
     libc = _glibc()
     return bool(libc and libc.mallopt(_M_MMAP_THRESHOLD, threshold))
