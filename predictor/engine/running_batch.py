@@ -33,8 +33,9 @@ from PIL import Image
 from transformers import DynamicCache
 
 from predictor.engine import grammar, sampling
-from predictor.engine.decode_step import SPAN_STEP, DecodeStep, batch_buckets, bucket_for, span_for
+from predictor.engine.decode_step import DecodeStep, batch_buckets, bucket_for, span_for
 from predictor.engine.generation import Generator, _RowState
+from predictor.engine.packed_linear import pack_text_decoder
 from predictor.engine.sampling import RowSampling
 from predictor.inputs.images import fit_to_budget
 from predictor.params import SamplingParams
@@ -93,6 +94,7 @@ class RunningBatch:
             # (and CUDA graphs cannot capture across): the same step runs eager instead.
             logger.info("4-bit/8-bit weights: the decoding step runs eager, not compiled")
             compile_step = False
+        pack_text_decoder(self.model)  # bfloat16 on a CPU: weights in oneDNN's layout, once
         self.decode = DecodeStep.of_model(self.model, max_rows, max_len, compile_step)
         self.members: list[_Member] = []
         self._broken_owners: list[Any] = []  # rows whose logits held a NaN, until `take_failed`
@@ -194,7 +196,7 @@ class RunningBatch:
             ],
             dtype=torch.long,
         ).to(self.generator.device)
-        span = span_for(max(lengths) + 1, self.max_len)
+        span = span_for(max(lengths) + 1, self.max_len, self.decode.span_step)
         logits = self.decode(inputs[0], inputs[1], inputs[2], span)[:count]
         logits = grammar.mask(self.members, logits)  # guided rows: only what their grammar allows
         tokens = self._pick(self.members, logits)
@@ -219,7 +221,8 @@ class RunningBatch:
         if not self.decode.compiled:
             return
         started = time.perf_counter()
-        spans = sorted({span_for(1, self.max_len), span_for(SPAN_STEP + 1, self.max_len)})
+        step = self.decode.span_step
+        spans = sorted({span_for(1, self.max_len, step), span_for(step + 1, self.max_len, step)})
         for span in spans:
             for rows in self.buckets:
                 idle = torch.zeros((3, rows), dtype=torch.long, device=self.generator.device)
