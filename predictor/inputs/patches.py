@@ -84,15 +84,24 @@ class Patcher:
         width, height = image.size
         if width % (patch * merge) or height % (patch * merge):
             return None
-        planar = torch.from_numpy(np.stack([np.asarray(band) for band in image.split()]))
-        channels = planar.shape[0]
+        # One copy of the pixels (height x width x channel, what Pillow stores), then one
+        # gather into the patch layout: splitting into bands and stacking them first made two
+        # more image-sized buffers per request. numpy's strided copy is faster here than
+        # torch's for this 7-dimensional uint8 permutation (0.35 against 0.6 ms at 448x448).
+        pixels = np.asarray(image)
+        if pixels.ndim == 2:  # a one-band image
+            pixels = pixels[:, :, None]
+        channels = pixels.shape[2]
         grid_h, grid_w = height // patch, width // patch
         # patchify's layout less its temporal axis: [grid_h/m, grid_w/m, m, m, channel, p, p]
-        blocks = planar.reshape(
-            channels, grid_h // merge, merge, patch, grid_w // merge, merge, patch
-        ).permute(1, 4, 2, 5, 0, 3, 6)
-        values = blocks.contiguous().view(grid_h * grid_w, channels * patch * patch)
-        return Patched(values, torch.tensor([[1, grid_h, grid_w]], dtype=torch.long))
+        blocks = pixels.reshape(
+            grid_h // merge, merge, patch, grid_w // merge, merge, patch, channels
+        ).transpose(0, 3, 1, 4, 6, 2, 5)
+        values = torch.from_numpy(np.ascontiguousarray(blocks))
+        return Patched(
+            values.view(grid_h * grid_w, channels * patch * patch),
+            torch.tensor([[1, grid_h, grid_w]], dtype=torch.long),
+        )
 
     def normalise(self, frames: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """uint8 `frames` (on any device) to the processor's pixel patches in `dtype`: its own
