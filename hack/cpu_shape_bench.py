@@ -59,7 +59,10 @@ def _timed(action) -> float:
 
 def text_weight_bytes(model) -> int:
     """Bytes a decoding step reads: the language model's weights and the output head (once,
-    when it is tied to the embedding), not the vision tower's."""
+    when it is tied to the embedding), not the vision tower's. A layer packed for oneDNN
+    (`predictor.engine.packed_linear`) reads its weight's bytes in another layout."""
+    from predictor.engine.packed_linear import PackedLinear
+
     seen: set[int] = set()
     total = 0
     for module in (model.model.language_model, model.lm_head):
@@ -68,6 +71,8 @@ def text_weight_bytes(model) -> int:
                 continue
             seen.add(parameter.data_ptr())
             total += parameter.numel() * parameter.element_size()
+        for packed in (m for m in module.modules() if isinstance(m, PackedLinear)):
+            total += packed.in_features * packed.out_features * packed.packed.element_size()
     return total
 
 

@@ -4,6 +4,9 @@ and left alone where they do not apply (float32, which the exact-text tests use)
 
 from __future__ import annotations
 
+import gc
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -22,11 +25,11 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _generator(model_dir, dtype: str) -> Generator:
+def _generator(model_dir, dtype: str, pack: bool = True) -> Generator:
     from predictor.engine.loading import load_model
     from predictor.settings import Settings
 
-    loaded = load_model(Settings(model_dir=str(model_dir), device="cpu", dtype=dtype))
+    loaded = load_model(Settings(model_dir=str(model_dir), device="cpu", dtype=dtype), pack=pack)
     return Generator(loaded.model, loaded.processor)
 
 
@@ -61,12 +64,15 @@ def _tokens(batch: RunningBatch, rows: list[Row]) -> list[str]:
 
 @pytest.mark.slow
 def test_bfloat16_on_a_cpu_packs_the_text_decoder_and_decodes_the_same(tiny_qwen3_vl) -> None:
-    packed = _generator(tiny_qwen3_vl, "bfloat16")
-    rows = _rows(packed)
-    # Plain transformers on the same weights, before they are packed.
-    expected = [reference_greedy(packed, row) for row in rows]
-    plain_layers = sum(type(m) is torch.nn.Linear for m in packed.model.modules())
-    batch = RunningBatch(packed, max_rows=2, max_len=512)  # packs
+    plain = _generator(tiny_qwen3_vl, "bfloat16", pack=False)
+    rows = _rows(plain)
+    expected = [reference_greedy(plain, row) for row in rows]  # plain transformers
+    plain_layers = sum(type(m) is torch.nn.Linear for m in plain.model.modules())
+    del plain  # its weights are views of transformers' mapping of the checkpoint
+    gc.collect()
+    packed = _generator(tiny_qwen3_vl, "bfloat16")  # packed as it loads
+    maps = Path("/proc/self/maps").read_text()
+    assert str(tiny_qwen3_vl) not in maps  # read without a mapping: no pages left resident
     language = packed.model.model.language_model
     per_layer = 7  # q, k, v, o, gate, up, down
     assert sum(isinstance(m, PackedLinear) for m in language.modules()) == per_layer * len(
@@ -77,7 +83,7 @@ def test_bfloat16_on_a_cpu_packs_the_text_decoder_and_decodes_the_same(tiny_qwen
     assert sum(type(m) is torch.nn.Linear for m in packed.model.modules()) == plain_layers - (
         per_layer * len(language.layers) + 1
     )
-    assert _tokens(batch, rows) == expected
+    assert _tokens(RunningBatch(packed, max_rows=2, max_len=512), rows) == expected
     compiled = RunningBatch(packed, max_rows=2, max_len=512, compile_step=True)
     compiled.warm_up()
     assert _tokens(compiled, rows) == expected

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from predictor.engine.packed_linear import pack_text_decoder, packable
 from predictor.engine.patch_embedding import use_matmul_patch_embeddings
 from predictor.errors import StartupError
 from predictor.settings import Settings
@@ -184,8 +185,10 @@ class LoadedModel:
     dtype: torch.dtype
 
 
-def load_model(settings: Settings) -> LoadedModel:
-    """Processor and model, on the chosen device and dtype, in eval mode."""
+def load_model(settings: Settings, pack: bool = True) -> LoadedModel:
+    """Processor and model, on the chosen device and dtype, in eval mode; bfloat16 on a CPU
+    with the text decoder's layers packed for oneDNN (`predictor.engine.packed_linear`) unless
+    `pack` is false (a plain transformers model, as a reference)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     source = resolve_source(settings)
@@ -214,18 +217,29 @@ def load_model(settings: Settings) -> LoadedModel:
         options["quantization_config"] = quantization
         if device.type == "cuda":  # on a CPU, where weights load by default
             options["device_map"] = {"": device.index or 0}
-    # A local checkpoint (the InferenceService's storageUri) is read without a mapping; a hub
-    # id (--model_id) still loads through transformers' own mapping of the downloaded files.
-    if quantization is not None and source.revision is None and Path(source.path_or_id).is_dir():
+    # Weights that are quantized or packed at load replace what was read: a local checkpoint
+    # (the InferenceService's storageUri) is then read without a mapping, whose pages would
+    # stay resident beside the new copies; a hub id (--model_id) still loads through
+    # transformers' own mapping of the downloaded files.
+    packs = pack and quantization is None and packable(device, dtype)
+    local = source.revision is None and Path(source.path_or_id).is_dir()
+    if (quantization is not None or packs) and local:
         large_allocations_from_mmap()
-        model = _load_quantized_without_mapping(Path(source.path_or_id), options)
-        return_free_memory()
+        model = _load_without_mapping(Path(source.path_or_id), options)
     else:
         model = AutoModelForImageTextToText.from_pretrained(source.path_or_id, **options)
     if quantization is None:
         model = model.to(device)
     model.eval()
     use_matmul_patch_embeddings(model)
+    if packs:
+        pack_text_decoder(model)
+        if local:
+            # The read weights were mapped blocks, unmapped as each was packed; from here on
+            # a step's logits and activations may come from the heap again.
+            large_allocations_from_mmap(HEAP_UP_TO_BYTES)
+    if (quantization is not None or packs) and local:
+        return_free_memory()
     return LoadedModel(model, processor, model_type, device, dtype)
 
 
@@ -245,6 +259,7 @@ def checkpoint_files(directory: Path) -> list[Path]:
 # glibc's mallopt parameter numbers (malloc.h).
 _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 1024 * 1024
+HEAP_UP_TO_BYTES = 64 * 1024 * 1024  # after a packed load: a 16-row step's logits stay on the heap
 
 
 def _glibc() -> Any | None:
@@ -284,9 +299,10 @@ def return_free_memory() -> None:
         libc.malloc_trim(0)
 
 
-def _load_quantized_without_mapping(directory: Path, options: dict[str, Any]) -> Any:
-    """A 4/8-bit model from a local checkpoint whose tensors are read with `pread`, one at a
-    time, instead of through a memory mapping of the whole file.
+def _load_without_mapping(directory: Path, options: dict[str, Any]) -> Any:
+    """A model from a local checkpoint whose tensors are read with `pread`, one at a time,
+    instead of through a memory mapping of the whole file (for 4/8-bit weights, and for
+    bfloat16 ones that are packed for oneDNN, which likewise replaces what was read).
 
     Why: transformers maps each safetensors file and keeps the mapping while any tensor is a
     view of it. Quantizing reads every weight through that mapping, and a mapping's pages stay

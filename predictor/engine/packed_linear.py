@@ -61,16 +61,23 @@ class PackedLinear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN blocked"
 
 
-def can_pack(model: Any) -> bool:
-    """Whether `pack_text_decoder` applies: bfloat16 weights on a CPU with oneDNN's bfloat16
-    kernels, not loaded through bitsandbytes."""
+def packable(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a model of `dtype` on `device` gets packed layers (unless quantized): bfloat16
+    on a CPU with oneDNN's bfloat16 kernels."""
     return (
-        model.device.type == "cpu"
-        and model.dtype == torch.bfloat16
-        and not getattr(model, "is_loaded_in_4bit", False)
-        and not getattr(model, "is_loaded_in_8bit", False)
+        device.type == "cpu"
+        and dtype == torch.bfloat16
         and torch.backends.mkldnn.is_available()
         and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
+
+
+def can_pack(model: Any) -> bool:
+    """Whether `pack_text_decoder` applies: `packable`, and not loaded through bitsandbytes."""
+    return (
+        packable(model.device, model.dtype)
+        and not getattr(model, "is_loaded_in_4bit", False)
+        and not getattr(model, "is_loaded_in_8bit", False)
     )
 
 
