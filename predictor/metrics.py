@@ -54,6 +54,16 @@ INPUT_CACHE_MISSES = Counter(
     "Images looked up in the input cache and not found (decoded and processed, then kept).",
     LABELS,
 )
+VISION_CACHE_HITS = Counter(
+    f"{PREFIX}_vision_cache_hits",
+    "Image sets found in the engine's vision cache (the same pixels): not encoded again.",
+    LABELS,
+)
+VISION_CACHE_MISSES = Counter(
+    f"{PREFIX}_vision_cache_misses",
+    "Image sets looked up in the engine's vision cache and not found (encoded, then kept).",
+    LABELS,
+)
 
 # Load of the generation engine, for an endpoint picker and an autoscaler.
 REQUESTS_WAITING = Gauge(

@@ -32,6 +32,7 @@ from predictor.engine.loading import (
     vocab_size,
 )
 from predictor.engine.scheduler import Engine, EngineConfig, Reservation
+from predictor.engine.vision_cache import VisionCache
 from predictor.errors import (
     EngineUnavailable,
     InvalidRequest,
@@ -148,6 +149,9 @@ class QwenVLModel(Model):
         configure_compile_cache(self.settings.compile_cache_dir if self.settings.compile else None)
         loaded = load_model(self.settings)
         self.generator = Generator(loaded.model, loaded.processor)
+        self.generator.vision_cache = VisionCache(
+            self.settings.vision_cache_mb * MIB, self.settings.model_name
+        )
         self.preprocessor = self.generator
         self.inputs = self.generator.preprocessor
         self.inputs.cache = InputCache(self.settings.input_cache_mb * MIB)

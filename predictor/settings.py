@@ -61,6 +61,7 @@ class Settings:
     cpu_threads: int = 0
     # Processed images kept by content (predictor.inputs.input_cache), per front process.
     input_cache_mb: int = 256
+    vision_cache_mb: int = 256
     served_model_aliases: tuple[str, ...] = ()
     allow_remote_images: bool = False
     remote_image_hosts: tuple[str, ...] = ()
@@ -117,6 +118,8 @@ class Settings:
             raise ValueError("--cpu_threads must be 0 (automatic) or more")
         if self.input_cache_mb < 0:
             raise ValueError("--input_cache_mb must be 0 (off) or more")
+        if self.vision_cache_mb < 0:
+            raise ValueError("--vision_cache_mb must be 0 (off) or more")
         if self.batch_wait_ms < 0 or self.request_timeout_s <= 0:
             raise ValueError("--batch_wait_ms must be >= 0 and --request_timeout_s > 0")
         if self.waiting_served_ratio < 0 or self.max_waiting_tokens < 0:
@@ -281,6 +284,13 @@ def build_parser(parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.Ar
         default=_env("input_cache_mb", d.input_cache_mb, int),
         help="MiB of processed images each front process keeps, keyed by the image's bytes "
         "and pixel budget: an image sent again skips decoding and the processor; 0: off",
+    )
+    runtime.add_argument(
+        "--vision_cache_mb",
+        type=int,
+        default=_env("vision_cache_mb", d.vision_cache_mb, int),
+        help="MiB of vision encoder outputs the engine keeps on its device, keyed by the "
+        "image's pixels: an image sent again is not encoded again; 0: off",
     )
 
     engine = parser.add_argument_group("batching engine")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -276,3 +277,38 @@ def test_metrics_count_requests_images_and_tokens(server: LiveServer) -> None:
 def test_startup_time_is_reported(server: LiveServer) -> None:
     print(f"\nstart-up to ready on the tiny model: {server.startup_s:.1f} s")
     assert "ready in" in server.log()
+
+
+def test_an_image_sent_again_is_not_encoded_again(server: LiveServer) -> None:
+    """The engine's vision cache (`--vision_cache_mb`, on by default): the second request with
+    the same picture finds its encoder output, counted across the engine process, and gets the
+    same text; another picture misses."""
+    label = (("model_name", server.model_name),)
+    picture = base64.b64encode(images.jpeg(color=(17, 99, 201))).decode()
+    other = base64.b64encode(images.jpeg(color=(201, 99, 17))).decode()
+    parameters = {"max_new_tokens": 6, "temperature": 0}
+    body = {"inputs": [image_tensor([picture])], "parameters": parameters}
+
+    def counts() -> tuple[float, float]:
+        samples = scrape(server)
+        return tuple(
+            samples.get((f"qwen_vl_vision_cache_{kind}_total", label), 0.0)
+            for kind in ("hits", "misses")
+        )
+
+    def settled(expected: tuple[float, float]) -> tuple[float, float]:
+        for _ in range(50):  # the engine forwards its counts every 0.1 s
+            seen = counts()
+            if seen == expected:
+                break
+            time.sleep(0.1)
+        return seen
+
+    hits, misses = counts()
+    first = outputs(infer(server, body))
+    assert settled((hits, misses + 1)) == (hits, misses + 1)
+    second = outputs(infer(server, body))
+    assert settled((hits + 1, misses + 1)) == (hits + 1, misses + 1)
+    assert second["text"] == first["text"]
+    infer(server, {**body, "inputs": [image_tensor([other])]})
+    assert settled((hits + 1, misses + 2)) == (hits + 1, misses + 2)

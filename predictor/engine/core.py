@@ -69,6 +69,8 @@ METRICS_FLUSH_S = 0.1  # how often the engine's metric updates go to the front
 # serves). Load gauges are on the shared board instead, since admission needs them too.
 FORWARDED_METRICS = (
     "BATCH_SIZE",
+    "VISION_CACHE_HITS",
+    "VISION_CACHE_MISSES",
     "QUEUE_WAIT_SECONDS",
     "TIME_TO_FIRST_TOKEN_SECONDS",
     "GENERATION_SECONDS",
@@ -165,6 +167,7 @@ class Core:
         from predictor.engine.generation import Generator
         from predictor.engine.loading import load_model
         from predictor.engine.scheduler import Engine, EngineConfig
+        from predictor.engine.vision_cache import MIB, VisionCache
 
         # No "Loading weights" bar: it is noise in a pod's log, and tqdm's bar takes a
         # multiprocessing lock that this process, which ends with os._exit, would leave
@@ -175,14 +178,11 @@ class Core:
         configure_compile_cache(settings.compile_cache_dir if settings.compile else None)
         loaded = load_model(settings)
         generator = Generator(loaded.model, loaded.processor)
+        generator.vision_cache = VisionCache(settings.vision_cache_mb * MIB, settings.model_name)
         config = EngineConfig.from_settings(settings)
         engine = Engine(generator, settings.model_name, config, warm_up=settings.warmup)
         core = cls(engine, generator, clients, board)
-        if forwarded is not None:
-            threading.Thread(
-                target=core._flush_metrics, args=(forwarded,), name="metrics", daemon=True
-            ).start()
-        else:
+        if forwarded is None:
             from predictor import metrics
 
             name = settings.model_name
@@ -202,6 +202,12 @@ class Core:
         for client in clients:
             with contextlib.suppress(OSError):
                 client.send("ready", info)
+        if forwarded is not None:
+            # Only now: a front reads "ready" first (warm-up's updates, such as its image's
+            # vision cache miss, wait for the first flush).
+            threading.Thread(
+                target=core._flush_metrics, args=(forwarded,), name="metrics", daemon=True
+            ).start()
         return core
 
     def serve(self) -> None:

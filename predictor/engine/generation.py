@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from predictor.engine.vision import VisionEncoder
+from predictor.engine.vision_cache import VisionCache, vision_key
 from predictor.errors import OutOfDeviceMemory
 from predictor.inputs.preprocessing import Preprocessor
 from predictor.params import PixelBudget
@@ -111,6 +112,7 @@ class Generator:
     def __init__(self, model: Any, processor: Any):
         self.model = model
         self.vision = VisionEncoder(model)  # see predictor.engine.vision
+        self.vision_cache = VisionCache(0)  # off until the engine sizes it (--vision_cache_mb)
         self.preprocessor = Preprocessor(processor)  # the processor's CPU work
         self.processor = processor
         self.tokenizer = self.preprocessor.tokenizer
@@ -166,6 +168,12 @@ class Generator:
             return encoded
         tensors = dict(encoded.tensors)
         pixel_values = tensors.pop("pixel_values")
+        key = None
+        if self.vision_cache.enabled:  # an image encoded before is not encoded again
+            key = vision_key(pixel_values, tensors["image_grid_thw"], self.model.dtype)
+            cached = self.vision_cache.get(key)
+            if cached is not None:
+                return EncodedRow(tensors, cached)
         out_of_memory = False
         try:
             if pixel_values.dtype == torch.uint8:  # the front's frames: normalised here, on
@@ -185,6 +193,8 @@ class Generator:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             raise OutOfDeviceMemory("in the vision encoder")
+        if key is not None:
+            self.vision_cache.put(key, features)
         return EncodedRow(tensors, features)
 
     def _processed(self, row: Row) -> dict[str, torch.Tensor]:
