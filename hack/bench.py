@@ -744,7 +744,10 @@ def bench_p8(work: Path, server_args: tuple[str, ...], runs: int) -> dict:
     body = infer_body(picture, tokens)
     body["parameters"]["ignore_eos"] = True
     payload = serialised(body)
-    with start_server(model_dir, work / "deep-server.log", *server_args) as server:
+    # Every request does the whole work, as `generate` does: one picture is sent again and
+    # again, which the input and vision caches would otherwise spare the server.
+    no_caches = ("--input_cache_mb", "0", "--vision_cache_mb", "0")
+    with start_server(model_dir, work / "deep-server.log", *server_args, *no_caches) as server:
         print(f"P8  server on the 28-layer checkpoint ready in {server.startup_s:.1f} s")
         client = InferClient(server.infer_url)
         try:
