@@ -763,7 +763,7 @@ def bench_p8(work: Path, server_args: tuple[str, ...], runs: int) -> dict:
         assert set(statuses_1) == {200} and set(statuses_16) == {200}
     dtype = _flag_value(list(server_args), "--dtype") or "auto"
     settings = Settings(model_dir=str(model_dir), device="cpu", dtype=dtype)
-    loaded = load_model(settings)
+    loaded = load_model(settings, pack=False)  # plain transformers, as its model cards run it
     generator = Generator(loaded.model, loaded.processor)
     limits = ImageLimits(settings.max_image_bytes, settings.max_decoded_pixels)
     image = prepare_image(picture, limits, "image", generator.default_budget, 32)
