@@ -58,22 +58,21 @@ def _timed(action) -> float:
 
 
 def text_weight_bytes(model) -> int:
-    """Bytes a decoding step reads: the language model's weights and the output head (once,
-    when it is tied to the embedding), not the vision tower's. A layer packed for oneDNN
+    """Bytes a decoding step reads: the language model's weights and the output layer, not
+    the vision tower's, nor the token embedding's (a step looks up one row of it; when the
+    output layer is tied to it, the output layer counts it once). A layer packed for oneDNN
     (`predictor.engine.packed_linear`) reads its weight's bytes in another layout."""
     from predictor.engine.packed_linear import PackedLinear
 
-    seen: set[int] = set()
-    total = 0
-    for module in (model.model.language_model, model.lm_head):
-        for parameter in module.parameters():
-            if parameter.data_ptr() in seen:
-                continue
-            seen.add(parameter.data_ptr())
-            total += parameter.numel() * parameter.element_size()
-        for packed in (m for m in module.modules() if isinstance(m, PackedLinear)):
-            total += packed.in_features * packed.out_features * packed.packed.element_size()
-    return total
+    def size(module) -> int:
+        if isinstance(module, PackedLinear):
+            return module.in_features * module.out_features * module.packed.element_size()
+        return sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
+
+    language = model.model.language_model
+    return size(model.lm_head) + sum(
+        size(module) for module in language.modules() if module is not language.embed_tokens
+    )
 
 
 def decode_figures(checkpoint: Path, threads: int) -> dict:
