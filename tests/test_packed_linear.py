@@ -95,3 +95,15 @@ def test_float32_is_not_packed(tiny_qwen3_vl) -> None:
     assert not can_pack(generator.model)
     RunningBatch(generator, max_rows=1, max_len=256)
     assert not any(isinstance(m, PackedLinear) for m in generator.model.modules())
+
+
+@pytest.mark.slow
+def test_the_compiled_packed_step_runs_outside_inference_mode(tiny_qwen3_vl) -> None:
+    """A served model has no gradients: the compiled step is not traced for a backward that
+    the packed operator has no formula for, wherever it is called from."""
+    packed = _generator(tiny_qwen3_vl, "bfloat16")
+    assert not any(p.requires_grad for p in packed.model.parameters())
+    batch = RunningBatch(packed, max_rows=2, max_len=256, compile_step=True)
+    idle = torch.zeros((3, 2), dtype=torch.long)
+    logits = batch.decode(idle[0], idle[1], idle[2], batch.decode.span_step)
+    assert logits.shape == (2, packed.model.config.get_text_config().vocab_size)

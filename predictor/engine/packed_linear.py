@@ -91,6 +91,9 @@ def pack_text_decoder(model: Any) -> int:
     fifth of the weights a 2B step reads."""
     if not can_pack(model):
         return 0
+    # A served model is never trained: without gradients on its other parameters, a step run
+    # outside inference mode is not traced for a backward that the packed operator lacks.
+    model.requires_grad_(False)
     replaced = 0
     for parent in model.model.language_model.layers.modules():
         for name, child in list(parent.named_children()):
