@@ -10,8 +10,9 @@ import torch
 from predictor.engine.generation import Generator
 from predictor.engine.loading import LoadedModel
 from predictor.engine.running_batch import describe
-from predictor.engine.vision_cache import MIB, VisionCache, output_bytes, vision_key
+from predictor.engine.vision_cache import VisionCache, output_bytes, vision_key
 from predictor.inputs.images import fit_to_budget
+from predictor.inputs.input_cache import MIB
 from predictor.params import SamplingParams
 from predictor.rows import Row
 from tests import images
@@ -41,7 +42,7 @@ def test_entries_are_bounded_by_bytes_least_recently_used_first() -> None:
     cache = VisionCache(3 * MIB)
     for name in (b"a", b"b", b"c"):
         cache.put((name, b"", ""), _output(1))
-    assert len(cache) == 3 and cache.nbytes == 3 * MIB
+    assert len(cache) == 3 and cache.bytes == 3 * MIB
     assert cache.get((b"a", b"", "")) is not None  # a is now the most recent
     cache.put((b"d", b"", ""), _output(1))
     assert cache.get((b"b", b"", "")) is None  # b was the least recently used

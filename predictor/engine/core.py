@@ -167,7 +167,8 @@ class Core:
         from predictor.engine.generation import Generator
         from predictor.engine.loading import load_model
         from predictor.engine.scheduler import Engine, EngineConfig
-        from predictor.engine.vision_cache import MIB, VisionCache
+        from predictor.engine.vision_cache import VisionCache
+        from predictor.inputs.input_cache import MIB
 
         # No "Loading weights" bar: it is noise in a pod's log, and tqdm's bar takes a
         # multiprocessing lock that this process, which ends with os._exit, would leave

@@ -223,7 +223,8 @@ def load_model(settings: Settings, pack: bool = True) -> LoadedModel:
     # transformers' own mapping of the downloaded files.
     packs = pack and quantization is None and packable(device, dtype)
     local = source.revision is None and Path(source.path_or_id).is_dir()
-    if (quantization is not None or packs) and local:
+    unmapped = (quantization is not None or packs) and local
+    if unmapped:
         large_allocations_from_mmap()
         model = _load_without_mapping(Path(source.path_or_id), options)
     else:
@@ -234,11 +235,11 @@ def load_model(settings: Settings, pack: bool = True) -> LoadedModel:
     use_matmul_patch_embeddings(model)
     if packs:
         pack_text_decoder(model)
-        if local:
+        if unmapped:
             # The read weights were mapped blocks, unmapped as each was packed; from here on
             # a step's logits and activations may come from the heap again.
             large_allocations_from_mmap(HEAP_UP_TO_BYTES)
-    if (quantization is not None or packs) and local:
+    if unmapped:
         return_free_memory()
     return LoadedModel(model, processor, model_type, device, dtype)
 

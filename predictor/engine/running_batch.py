@@ -35,7 +35,6 @@ from transformers import DynamicCache
 from predictor.engine import grammar, sampling
 from predictor.engine.decode_step import DecodeStep, batch_buckets, bucket_for, span_for
 from predictor.engine.generation import Generator, _RowState
-from predictor.engine.packed_linear import pack_text_decoder
 from predictor.engine.sampling import RowSampling
 from predictor.inputs.images import fit_to_budget
 from predictor.params import SamplingParams
@@ -94,7 +93,6 @@ class RunningBatch:
             # (and CUDA graphs cannot capture across): the same step runs eager instead.
             logger.info("4-bit/8-bit weights: the decoding step runs eager, not compiled")
             compile_step = False
-        pack_text_decoder(self.model)  # bfloat16 on a CPU: weights in oneDNN's layout, once
         self.decode = DecodeStep.of_model(self.model, max_rows, max_len, compile_step)
         self.members: list[_Member] = []
         self._broken_owners: list[Any] = []  # rows whose logits held a NaN, until `take_failed`

@@ -20,15 +20,13 @@ row features into new tensors). Thread-safe: images are encoded on many threads.
 from __future__ import annotations
 
 import hashlib
-import threading
-from collections import OrderedDict
 from typing import Any
 
 import torch
 
 from predictor import metrics
+from predictor.inputs.input_cache import BoundedCache
 
-MIB = 1024 * 1024
 VisionKey = tuple[bytes, bytes, str]
 
 
@@ -52,52 +50,18 @@ def output_bytes(output: Any) -> int:
     return 0
 
 
-class VisionCache:
-    """Least-recently-used vision encoder outputs up to `max_bytes`. `max_bytes` 0 disables it
-    (every lookup misses, nothing is kept, nothing is hashed). Hits and misses are counted in
-    `qwen_vl_vision_cache_hits` / `_misses` for the model `name`."""
+class VisionCache(BoundedCache[VisionKey, Any]):
+    """Least-recently-used vision encoder outputs up to `max_bytes` (0: off, nothing hashed).
+    Hits and misses are counted in `qwen_vl_vision_cache_hits` / `_misses` for the model
+    `name`."""
 
     def __init__(self, max_bytes: int, name: str = ""):
-        self.max_bytes = max_bytes
+        super().__init__(max_bytes, output_bytes)
         self.name = name
-        self._entries: OrderedDict[VisionKey, tuple[Any, int]] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    @property
-    def enabled(self) -> bool:
-        return self.max_bytes > 0
 
     def get(self, key: VisionKey) -> Any | None:
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None:
-                self._entries.move_to_end(key)
+        output = super().get(key)
         # Looked up when counted: in the engine process the collectors are forwarding stand-ins.
-        counter = metrics.VISION_CACHE_HITS if entry is not None else metrics.VISION_CACHE_MISSES
+        counter = metrics.VISION_CACHE_HITS if output is not None else metrics.VISION_CACHE_MISSES
         counter.labels(self.name).inc()
-        return None if entry is None else entry[0]
-
-    def put(self, key: VisionKey, output: Any) -> None:
-        """Keep `output`, dropping the least recently used to stay within the bound; an output
-        larger than the whole bound is not kept."""
-        size = output_bytes(output)
-        if size > self.max_bytes:
-            return
-        with self._lock:
-            if key in self._entries:
-                return
-            self._entries[key] = (output, size)
-            self._bytes += size
-            while self._bytes > self.max_bytes:
-                _, (_, dropped) = self._entries.popitem(last=False)
-                self._bytes -= dropped
-
-    @property
-    def nbytes(self) -> int:
-        with self._lock:
-            return self._bytes
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._entries)
+        return output

@@ -19,7 +19,9 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import torch
 
@@ -42,6 +44,8 @@ class ProcessedImage:
 
 
 CacheKey = tuple[bytes, int, int, str]
+K = TypeVar("K")
+V = TypeVar("V")
 
 
 def cache_key(data: bytes, budget: PixelBudget, dtype: torch.dtype) -> CacheKey:
@@ -52,13 +56,15 @@ def cache_key(data: bytes, budget: PixelBudget, dtype: torch.dtype) -> CacheKey:
     return digest, budget.min_pixels, budget.max_pixels, str(dtype)
 
 
-class InputCache:
-    """Least-recently-used `ProcessedImage`s up to `max_bytes` of tensors. Thread-safe.
-    `max_bytes` 0 disables it (every lookup misses, nothing is kept)."""
+class BoundedCache(Generic[K, V]):
+    """Least-recently-used entries up to `max_bytes`, each as large as `size_of` says.
+    Thread-safe. `max_bytes` 0 disables it (every lookup misses, nothing is kept). The input
+    cache here and the engine's vision cache (`predictor.engine.vision_cache`) are two."""
 
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int, size_of: Callable[[V], int]):
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[CacheKey, ProcessedImage] = OrderedDict()
+        self._size_of = size_of
+        self._entries: OrderedDict[K, tuple[V, int]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
 
@@ -66,28 +72,29 @@ class InputCache:
     def enabled(self) -> bool:
         return self.max_bytes > 0
 
-    def get(self, key: CacheKey) -> ProcessedImage | None:
+    def get(self, key: K) -> V | None:
         with self._lock:
             entry = self._entries.get(key)
-            if entry is not None:
-                self._entries.move_to_end(key)
-            return entry
+            if entry is None:
+                return None
+            self._entries.move_to_end(key)
+            return entry[0]
 
-    def put(self, key: CacheKey, entry: ProcessedImage) -> None:
-        """Keep `entry`, dropping the least recently used to stay within the bound; an entry
+    def put(self, key: K, value: V) -> None:
+        """Keep `value`, dropping the least recently used to stay within the bound; a value
         larger than the whole bound is not kept."""
-        size = entry.nbytes
+        size = self._size_of(value)
         if size > self.max_bytes:
             return
         with self._lock:
             previous = self._entries.pop(key, None)
             if previous is not None:
-                self._bytes -= previous.nbytes
-            self._entries[key] = entry
+                self._bytes -= previous[1]
+            self._entries[key] = (value, size)
             self._bytes += size
             while self._bytes > self.max_bytes:
-                _, dropped = self._entries.popitem(last=False)
-                self._bytes -= dropped.nbytes
+                _, (_, dropped) = self._entries.popitem(last=False)
+                self._bytes -= dropped
 
     def __len__(self) -> int:
         with self._lock:
@@ -97,3 +104,10 @@ class InputCache:
     def bytes(self) -> int:
         with self._lock:
             return self._bytes
+
+
+class InputCache(BoundedCache[CacheKey, ProcessedImage]):
+    """Least-recently-used `ProcessedImage`s up to `max_bytes` of tensors."""
+
+    def __init__(self, max_bytes: int):
+        super().__init__(max_bytes, lambda entry: entry.nbytes)
