@@ -23,7 +23,7 @@ PACKAGES=(
   # KServe's model server and what it imports
   kserve==0.21.0 kubernetes==37.0.1 fastapi==0.165.0 starlette==1.10.0 uvicorn==0.55.0
   pydantic==2.14.4 pydantic-core==2.50.5 typing-inspection==0.4.5 annotated-types==0.8.0
-  orjson==3.13.0 httptools==0.9.0 watchfiles==1.3.0 websockets==17.4 websocket-client==1.9.2
+  orjson==3.13.0 pybase64==1.5.1 httptools==0.9.0 watchfiles==1.3.0 websockets==17.4 websocket-client==1.9.2
   oauthlib==4.0.1 requests-oauthlib==2.0.0 cloudevents==1.13.0 python-multipart==0.0.34
   grpc-interceptor==0.15.4 opentelemetry-api==1.45.2 deprecation==2.1.0 timing-asgi==0.3.2
   durationpy==0.11 tabulate==0.10.0 requests==2.34.2 urllib3==2.8.0 charset-normalizer==3.5.3

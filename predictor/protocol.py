@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import pybase64
 from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, InferResponse
 
 from predictor.errors import InvalidRequest
@@ -78,9 +79,11 @@ _DATA_URL = re.compile(r"^data:image/[A-Za-z0-9.+-]+;base64,", re.IGNORECASE)
 def decode_base64(text: str, field: str) -> bytes:
     """Strict base64 (or a base64 data URL) to bytes; anything else is the client's error.
 
-    binascii's strict mode checks the alphabet and the padding as it decodes: `b64decode`'s
-    `validate=True` ran a regular expression over the whole text first, and with the copies
-    of `strip()` and `encode()` that took 0.3 ms of the event loop for a 100 KB image."""
+    Why pybase64: its SIMD decoder checks the alphabet and the padding as it decodes, 0.006
+    ms for a 100 KB image against 0.31 ms for binascii's strict mode (and more for
+    `b64decode(validate=True)`, which runs a regular expression over the text first): the
+    largest single step of a request on the event loop. On an error, binascii's strict mode
+    decodes the text again only to say what is wrong with it."""
     payload = text
     if text[:1].isspace() or text[-1:].isspace():
         payload = text.strip()
@@ -89,9 +92,19 @@ def decode_base64(text: str, field: str) -> bytes:
         if payload.startswith("data:"):
             raise InvalidRequest(field, "only base64 image data URLs are accepted")
     try:
-        return binascii.a2b_base64(payload, strict_mode=True)
+        return pybase64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest(field, f"is not valid base64 ({_base64_error(payload)})") from None
+
+
+def _base64_error(payload: str) -> str:
+    """What binascii's strict mode says is wrong with `payload` (more precise than pybase64's
+    "Non-base64 digit found" for bad padding or trailing data)."""
+    try:
+        binascii.a2b_base64(payload, strict_mode=True)
     except (binascii.Error, ValueError) as exc:
-        raise InvalidRequest(field, f"is not valid base64 ({exc})") from None
+        return str(exc)
+    return "Non-base64 digit found"
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from predictor.params import PixelBudget, RequestLimits
 from predictor.protocol import (
     Completion,
     build_infer_response,
+    decode_base64,
     deserialize_bytes,
     parse_infer_request,
     read_parameters,
@@ -170,6 +171,29 @@ def test_bad_requests_name_the_field(case: str) -> None:
     with pytest.raises(InvalidRequest) as error:
         parse(build())
     assert error.value.field == field, str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        (B64[:-1], "padding"),  # a character short
+        (B64 + "QQ==QQ==", "Excess data after padding"),
+        ("=" + B64, "Leading padding"),
+        (B64[:40] + "\n" + B64[40:], "Only base64 data"),  # a line break inside
+        (B64[:40] + "é" + B64[41:], "ASCII"),
+    ],
+)
+def test_bad_base64_says_what_is_wrong(text: str, reason: str) -> None:
+    """pybase64 decodes; its one error text is replaced by binascii's precise one."""
+    with pytest.raises(InvalidRequest) as error:
+        decode_base64(text, "image[0]")
+    assert error.value.field == "image[0]"
+    assert reason.lower() in str(error.value).lower(), str(error.value)
+
+
+def test_base64_with_surrounding_space_and_data_urls_decodes() -> None:
+    for text in (B64, f" {B64}\n", f"data:image/jpeg;base64,{B64}", f"DATA:image/png;base64,{B64}"):
+        assert decode_base64(text, "image") == JPEG
 
 
 def test_grpc_parameters_including_triton_double_and_uint64() -> None:
