@@ -64,20 +64,44 @@ def test_patches_equal_the_image_processors(image_processors, family, dtype) -> 
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_frames_are_the_patches_bytes_once(image_processors, family) -> None:
-    """What the front sends: uint8, one frame per patch (an eighth of float32's bytes with
-    the repeated frame), which `normalise` turns into the processor's patches."""
+def test_frames_are_the_images_bytes_once(image_processors, family) -> None:
+    """What the front sends: uint8, the decoded image's bytes in raster order (an eighth of
+    float32's bytes with the repeated frame), which the engine's `gather` puts in
+    `patchify`'s layout and `normalise` turns into the processor's patches."""
     processor = image_processors[family]
     patcher = Patcher(processor)
     image = _noise((448, 448))
     frames = patcher.frames(image)
     assert frames is not None and frames.pixel_values.dtype == torch.uint8
+    assert frames.pixel_values.numpy().tobytes() == image.tobytes()
     patches = patcher.patches(image, torch.float32)
     assert frames.pixel_values.numel() * processor.temporal_patch_size == (
         patches.pixel_values.numel()
     )
     assert torch.equal(frames.image_grid_thw, patches.image_grid_thw)
     assert patcher.frames(_noise((100, 70))) is None  # off the grid: the processor's path
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_several_images_frames_gather_one_after_another(image_processors, family) -> None:
+    """Frames of images of different sizes, concatenated as a row of several images carries
+    them, normalise to the processor's patches of those images, in order."""
+    processor = image_processors[family]
+    patcher = Patcher(processor)
+    factor = processor.patch_size * processor.merge_size
+    pictures = [_noise((factor * 3, factor * 2), seed=1), _noise((factor, factor * 4), seed=2)]
+    framed = [patcher.frames(picture) for picture in pictures]
+    frames = torch.cat([f.pixel_values for f in framed])
+    grids = torch.cat([f.image_grid_thw for f in framed])
+    reference = processor(
+        images=pictures,
+        size={"shortest_edge": factor * factor, "longest_edge": factor * factor * 6},
+        return_tensors="pt",
+    )
+    assert torch.equal(grids, reference["image_grid_thw"])
+    assert torch.equal(patcher.normalise(frames, grids, torch.float32), reference["pixel_values"])
+    with pytest.raises(ValueError, match="patches of frames"):
+        patcher.gather(frames[:-1], grids)
 
 
 def test_an_image_off_the_grid_goes_through_the_processor(image_processors) -> None:
@@ -177,7 +201,9 @@ def test_encoded_rows_equal_the_processors(preprocessor) -> None:
         # The pixels as the engine normalises them before its vision encoder.
         assert encoded["pixel_values"].dtype == torch.uint8
         frames = encoded["pixel_values"]
-        encoded["pixel_values"] = preprocessor.patcher.normalise(frames, torch.float32)
+        encoded["pixel_values"] = preprocessor.patcher.normalise(
+            frames, encoded["image_grid_thw"], torch.float32
+        )
         for key, value in reference.items():
             assert torch.equal(encoded[key], value), key
 

@@ -180,7 +180,7 @@ class Generator:
                 # the device, where it costs nothing (`Patcher.normalise`: the processor's own
                 # arithmetic, bit for bit)
                 pixels = self.preprocessor.patcher.normalise(
-                    pixel_values.to(self.device), self.model.dtype
+                    pixel_values.to(self.device), tensors["image_grid_thw"], self.model.dtype
                 )
             else:
                 pixels = pixel_values.to(self.device, dtype=self.model.dtype)

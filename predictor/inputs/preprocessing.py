@@ -117,13 +117,13 @@ class Preprocessor:
         if not images:
             return EncodedRow(dict(text))
         pixels = [image.patched.pixel_values for image in images]
+        grids = [image.patched.image_grid_thw for image in images]
         if len({p.dtype for p in pixels}) > 1:  # frames beside float patches (an image off the
             # model-input grid, never on the request path): one dtype for the concatenation
             pixels = [
-                self.patcher.normalise(p, self.pixel_dtype) if p.dtype == torch.uint8 else p
-                for p in pixels
+                self.patcher.normalise(p, grid, self.pixel_dtype) if p.dtype == torch.uint8 else p
+                for p, grid in zip(pixels, grids, strict=True)
             ]
-        grids = [image.patched.image_grid_thw for image in images]
         return EncodedRow(
             {
                 **text,
