@@ -1161,8 +1161,8 @@ def _front_stages(model_dir: Path, picture: bytes, runs: int = 40) -> dict[str, 
         "JPEG decode (+ resize)": lambda: prepare_image(
             picture, limits, "image", budget, inputs.resize_factor
         ),
-        # uint8 in the patch layout; the engine normalises them (Patcher.normalise)
-        "pixel patches (uint8 frames)": lambda: inputs.patcher.frames(image),
+        # uint8 in raster order; the engine gathers and normalises them (Patcher.normalise)
+        "pixels out of Pillow (uint8 frames)": lambda: inputs.patcher.frames(image),
         "tokens (cached text)": lambda: inputs.encode_processed(row, [processed]),
         "copy into the shared arena": pack,
     }
