@@ -251,6 +251,35 @@ def test_concurrent_requests_decode_together_with_the_same_greedy_tokens(generat
     assert [c[0] for c in together] == [describe(generator, [row])[0] for row in rows]
 
 
+def test_rows_of_very_different_prompt_lengths_prefill_apart_and_decode_together(
+    generator,
+) -> None:
+    """Small and large images taken in at once: one prefill per length (the short rows
+    first, none padded to the long ones), then one decoding step for all, each row with the
+    text it gets alone."""
+    engine, batches = continuous_engine(generator, max_batch_size=8, batch_wait_ms=200)
+    budget, factor = generator.default_budget, generator.resize_factor
+    small = make_rows(generator, 3)
+    large = [
+        replace(row, images=(fit_to_budget(images.solid((448, 448), color), budget, factor),))
+        for row, color in zip(make_rows(generator, 2), [(10, 200, 30), (200, 10, 30)], strict=True)
+    ]
+    rows = [large[0], *small, large[1]]
+    # Encoded as the front encodes them (their prompt lengths known before the engine).
+    encoded = [replace(row, inputs=generator.preprocessor.encode(row)) for row in rows]
+
+    async def scenario():
+        return await asyncio.gather(*(engine.submit([row]) for row in encoded))
+
+    try:
+        together = asyncio.run(scenario())
+    finally:
+        engine.stop()
+    (batch,) = batches
+    assert batch.admissions[:2] == [3, 2] and batch.steps[0] == 5
+    assert [c[0] for c in together] == [describe(generator, [row])[0] for row in rows]
+
+
 def test_a_request_arriving_mid_decode_joins_the_running_batch(generator) -> None:
     engine, batches = continuous_engine(generator, max_batch_size=8)
     long, short = make_rows(generator, 1, 400)[0], make_rows(generator, 2, 5)[1]

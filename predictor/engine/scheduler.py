@@ -52,6 +52,7 @@ import torch
 
 from predictor import metrics
 from predictor.engine.generation import Generator
+from predictor.engine.prefill_groups import prefill_groups
 from predictor.engine.running_batch import RunningBatch
 from predictor.errors import DeadlineExceeded, OutOfDeviceMemory, QueueFull, Unavailable
 from predictor.protocol import Completion
@@ -385,7 +386,8 @@ class Engine:
         return waited < self.config.max_waiting_tokens
 
     def _admit(self, batch: RunningBatch, slots: list[_Slot]) -> None:
-        """Prefill slots into the running batch (failures isolated, see `_isolated`)."""
+        """Prefill slots into the running batch, rows of similar prompt lengths together
+        (failures isolated, see `_isolated`)."""
 
         def prefill(rows: list[_Slot]) -> list[tuple[_Slot, Completion]]:
             finished = batch.admit(
@@ -395,9 +397,9 @@ class Engine:
             self._fail_broken(batch)
             return finished
 
-        live = self._live(slots)
-        if live:
-            self._isolated(live, prefill)
+        # Rows of similar prompt lengths prefill together (`predictor.engine.prefill_groups`).
+        for group in prefill_groups(self._live(slots), _prompt_length):
+            self._isolated(group, prefill)
 
     def _step(self, batch: RunningBatch) -> None:
         """One decoding step for every running row. Out of device memory: the newest half of
@@ -578,3 +580,9 @@ class Engine:
 def empty_cache() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def _prompt_length(slot: _Slot) -> int | None:
+    """A slot's prompt tokens, images included, or None before its row is encoded."""
+    inputs = slot.row.inputs
+    return None if inputs is None else int(inputs.tensors["input_ids"].shape[-1])
