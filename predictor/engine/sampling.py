@@ -114,10 +114,16 @@ def first_max(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Why not `max` itself: on a CPU its index search is not vectorised, and over a 151,936-token
     vocabulary it cost 2-4 ms at 16 rows, more than the model's last layer. Here the vocabulary
     is cut into blocks; the blocks' maxima are one vectorised `amax`, the first block holding
-    the row's maximum is found among a thousand values, and the index only inside that block."""
+    the row's maximum is found among a thousand values, and the index only inside that block.
+    Half-precision scores are widened to float32 first (exact, order and NaN kept): a CPU's
+    bfloat16 reductions convert value by value, and the copy and the float32 search took
+    0.37 ms at 16 rows where the bfloat16 search alone took 0.79 (1.4 on one thread)."""
     rows, vocab = scores.shape
     if scores.device.type != "cpu":
         return scores.max(dim=-1)  # one fast kernel on a GPU; blocks would be three
+    if scores.dtype in (torch.bfloat16, torch.float16):
+        values, indices = first_max(scores.float())
+        return values.to(scores.dtype), indices
     block = _BLOCK
     while block > 1 and vocab % block:
         block //= 2
