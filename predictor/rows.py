@@ -29,6 +29,9 @@ class EncodedRow:
 
     tensors: dict[str, torch.Tensor]
     image_features: Any = None  # the vision encoder's output (a transformers ModelOutput)
+    # What the pixels were made from (`predictor.inputs.input_cache.pixel_key`): the vision
+    # cache's key without hashing the pixels again. None: the engine hashes the pixels.
+    pixel_key: bytes | None = None
 
     @property
     def needs_vision(self) -> bool:

@@ -44,12 +44,16 @@ ENGINE_ARGS = (
 )  # fmt: skip
 
 
-def gauge(server: LiveServer, name: str) -> float:
+def gauge(server: LiveServer, name: str, absent: float | None = None) -> float:
+    """A series' value for the server's model; `absent` if given and no such series (a
+    labelled counter appears once it is first counted)."""
     text = httpx.get(f"{server.url}/metrics", timeout=5).text
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name == name and sample.labels.get("model_name") == server.model_name:
                 return sample.value
+    if absent is not None:
+        return absent
     raise AssertionError(f"no {name} in /metrics")
 
 
@@ -127,6 +131,30 @@ def test_the_engines_metrics_reach_the_servers_metrics(server: LiveServer) -> No
         after["qwen_vl_time_to_first_token_seconds_count"]
         == before["qwen_vl_time_to_first_token_seconds_count"] + 1
     )
+
+
+def test_a_picture_sent_again_is_not_encoded_again(server: LiveServer) -> None:
+    """The same JPEG twice: the second request's row reaches the engine named by the front's
+    content key, its vision encoding comes from the engine's cache (one hit, counted on the
+    server's /metrics), and the text is the first one's."""
+    picture = images.jpeg((160, 112), (200, 60, 90))
+    counts = ("qwen_vl_vision_cache_hits_total", "qwen_vl_vision_cache_misses_total")
+
+    def settled(expected: tuple[float, float]) -> tuple[float, float]:
+        deadline = time.monotonic() + 5
+        while (now := tuple(gauge(server, name, 0.0) for name in counts)) != expected:
+            assert time.monotonic() < deadline, (now, expected)
+            time.sleep(0.05)
+        return now
+
+    hits, misses = (gauge(server, name, 0.0) for name in counts)
+    first = httpx.post(server.infer_url, json=infer_body(picture, 8), timeout=60)
+    assert first.status_code == 200, first.text
+    settled((hits, misses + 1))
+    again = httpx.post(server.infer_url, json=infer_body(picture, 8), timeout=60)
+    assert again.status_code == 200, again.text
+    settled((hits + 1, misses + 1))
+    assert text_of(again) == text_of(first)
 
 
 def test_streamed_deltas_join_to_the_plain_answer(server: LiveServer) -> None:

@@ -180,6 +180,34 @@ def test_the_same_bytes_hit_and_another_budget_misses(preprocessor) -> None:
     assert torch.equal(again.patched.pixel_values, fresh.pixel_values)
 
 
+def test_encoded_rows_name_their_pixels_by_content_and_budget(preprocessor) -> None:
+    """The key the engine's vision cache uses for a row: the same for the same bytes at the
+    same budget (cache hit or not), another for other bytes or another budget, none for a
+    row whose images came without one."""
+    from predictor.params import SamplingParams
+    from predictor.rows import Row
+
+    limits = ImageLimits(10_000_000, 50_000_000)
+    budget = preprocessor.default_budget
+    row = Row((), Row.single(_noise((64, 64)), "What is this?", SamplingParams(4)).messages,
+              SamplingParams(4))  # fmt: skip
+
+    def key(data: bytes, budget: PixelBudget) -> bytes | None:
+        processed, _ = preprocessor.image(data, limits, "image", budget)
+        return preprocessor.encode_processed(row, [processed]).pixel_key
+
+    first = images.encode(_noise((500, 300), seed=3), "PNG")
+    second = images.encode(_noise((500, 300), seed=4), "PNG")
+    assert key(first, budget) is not None
+    assert key(first, budget) == key(first, budget)
+    assert key(first, budget) != key(second, budget)
+    smaller = PixelBudget(budget.min_pixels, budget.min_pixels * 2)
+    assert key(first, budget) != key(first, smaller)
+    processed, _ = preprocessor.image(first, limits, "image", budget)
+    keyless = ProcessedImage(processed.size, processed.patched)
+    assert preprocessor.encode_processed(row, [keyless]).pixel_key is None
+
+
 def test_encoded_rows_equal_the_processors(preprocessor) -> None:
     """A row encoded from processed images (text from blank images of the same size, patches
     from the patcher) equals the processor run on the row with its real image."""

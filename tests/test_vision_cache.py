@@ -32,6 +32,19 @@ def test_the_key_is_the_pixels_the_grids_and_the_dtype() -> None:
     assert key != vision_key(pixels.float(), grid, torch.bfloat16)
 
 
+def test_a_rows_pixel_key_stands_for_the_pixels_digest() -> None:
+    """A key from the front's content key needs no hashing of the pixels and never equals a
+    key from the pixels themselves; the shape, grids and dtype still count."""
+    pixels = torch.arange(4 * 6, dtype=torch.uint8).view(4, 6)
+    grid = torch.tensor([[1, 2, 2]])
+    named = vision_key(pixels, grid, torch.bfloat16, b"k" * 32)
+    assert named == vision_key(torch.zeros_like(pixels), grid, torch.bfloat16, b"k" * 32)
+    assert named != vision_key(pixels, grid, torch.bfloat16)
+    assert named != vision_key(pixels, grid, torch.bfloat16, b"j" * 32)
+    assert named != vision_key(pixels, torch.tensor([[1, 1, 4]]), torch.bfloat16, b"k" * 32)
+    assert named != vision_key(pixels, grid, torch.float32, b"k" * 32)
+
+
 def _output(mib: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
     half = int(mib * MIB) // 2
     return torch.zeros(half, dtype=torch.uint8), [torch.zeros(half, dtype=torch.uint8)]
@@ -92,3 +105,24 @@ def test_a_hit_gives_the_features_a_new_encoding_gives(loaded: LoadedModel) -> N
     # And the text: rows whose features came from the cache decode as fresh ones do.
     with_cache = describe(cached, [row, other])
     assert [c.text for c in with_cache] == [c.text for c in describe(plain, [row, other])]
+
+
+@pytest.mark.slow
+def test_a_row_named_by_its_content_is_looked_up_by_that_name(loaded: LoadedModel) -> None:
+    """Rows the front encodes carry their pixels' content key: the engine keys its cache by
+    it (no hash of the pixels), and a row with the same key finds the entry."""
+    from predictor.inputs.input_cache import cache_key, pixel_key
+    from predictor.rows import EncodedRow
+
+    generator = Generator(loaded.model, loaded.processor)
+    generator.vision_cache = VisionCache(64 * MIB)
+    budget, factor = generator.default_budget, generator.resize_factor
+    picture = fit_to_budget(images.gradient((128, 96)), budget, factor)
+    row = Row.single(picture, "Describe.", SamplingParams(max_new_tokens=8))
+    tensors = generator.preprocessor.encode(row).tensors
+    name = pixel_key([cache_key(b"the encoded bytes", budget, torch.float32)])
+    first = generator.encode_images(EncodedRow(tensors, pixel_key=name))
+    ((digest, _, _),) = generator.vision_cache._entries  # one entry, under the row's name
+    assert digest == b"from:" + name
+    again = generator.encode_images(EncodedRow(tensors, pixel_key=name))
+    assert again.image_features is first.image_features

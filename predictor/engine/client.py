@@ -42,7 +42,7 @@ from predictor.engine.scheduler import (  # one Reservation and admission rule f
     Reservation,
     refuse_if_full,
 )
-from predictor.engine.transfer import PackedTensor, SharedArena, Span
+from predictor.engine.transfer import PackedRow, PackedTensor, SharedArena, Span
 from predictor.errors import (
     DeadlineExceeded,
     EngineUnavailable,
@@ -273,10 +273,10 @@ class RemoteEngine:
             self._abort(request_id)
             raise
 
-    def _pack(self, inputs: EncodedRow | None, spans: list[Span]) -> dict | None:
+    def _pack(self, inputs: EncodedRow | None, spans: list[Span]) -> PackedRow | None:
         """A row's processor tensors for the pipe: pixel patches into the shared arena (uint8
         frames as they are, the core normalises them; float patches cast to the core's dtype,
-        which its vision encoder would do anyway), the rest inline."""
+        which its vision encoder would do anyway), the rest inline, and its pixels' key."""
         if inputs is None:
             return None
         packed: dict[str, PackedTensor] = {}
@@ -284,7 +284,7 @@ class RemoteEngine:
             if key == "pixel_values" and tensor.dtype != torch.uint8:  # uint8 frames stay so
                 tensor = tensor.to(self._pixel_dtype)
             packed[key] = self._arena.pack(tensor, spans, shared=key == "pixel_values")
-        return packed
+        return PackedRow(packed, inputs.pixel_key)
 
     def _release_spans(self, request_id: int) -> None:
         with self._lock:

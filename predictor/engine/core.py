@@ -54,7 +54,7 @@ from multiprocessing import connection as mp_connection
 from typing import Any
 
 from predictor.engine.board import LoadBoard
-from predictor.engine.transfer import SharedArena
+from predictor.engine.transfer import PackedRow, SharedArena
 from predictor.errors import DeadlineExceeded, OutOfDeviceMemory
 from predictor.inputs.guides import GuideCompiler
 from predictor.inputs.image_workers import ImageWorkers
@@ -251,7 +251,7 @@ class Core:
         client: _Client,
         request_id: int,
         rows: list[Any],
-        packed: list[dict | None],
+        packed: list[PackedRow | None],
         streams: list[bool],
         arrived: float,
     ) -> None:
@@ -289,13 +289,13 @@ class Core:
             return
         request.future.add_done_callback(lambda done: self._finished(client, request_id, done))
 
-    def _encoded(self, client: _Client, packed: dict | None) -> Any:
+    def _encoded(self, client: _Client, packed: PackedRow | None) -> Any:
         """A row's inputs from the pipe, through the vision encoder. The pixel patches are
         read in the front's shared arena; nothing kept refers to it."""
         if packed is None:
             return None
-        tensors = {key: client.arena.unpack(value) for key, value in packed.items()}
-        return self.generator.encode_images(EncodedRow(tensors))
+        tensors = {key: client.arena.unpack(value) for key, value in packed.tensors.items()}
+        return self.generator.encode_images(EncodedRow(tensors, pixel_key=packed.pixel_key))
 
     def _abort(self, client: _Client, request_id: int) -> None:
         with self._lock:

@@ -170,7 +170,9 @@ class Generator:
         pixel_values = tensors.pop("pixel_values")
         key = None
         if self.vision_cache.enabled:  # an image encoded before is not encoded again
-            key = vision_key(pixel_values, tensors["image_grid_thw"], self.model.dtype)
+            key = vision_key(
+                pixel_values, tensors["image_grid_thw"], self.model.dtype, encoded.pixel_key
+            )
             cached = self.vision_cache.get(key)
             if cached is not None:
                 return EncodedRow(tensors, cached)

@@ -42,6 +42,15 @@ class PackedTensor:
     data: bytes | None = None
 
 
+@dataclass(frozen=True)
+class PackedRow:
+    """A row's processor tensors as the pipe carries them, and the content key of its pixels
+    (`predictor.rows.EncodedRow.pixel_key`), which spares the core hashing them."""
+
+    tensors: dict[str, PackedTensor]
+    pixel_key: bytes | None = None
+
+
 class SharedArena:
     """One shared-memory region with a first-fit allocator; the front allocates and frees,
     the core only reads (`view`). Thread-safe.

@@ -9,9 +9,13 @@ milliseconds of attention over ~5,000 patches. The same image comes back with th
 client's retries, the playground's re-runs, and "caption, then tags" workflows (vLLM keeps an
 encoder cache for the same reason).
 
-The key is SHA-256 of the pixel patches as they reach the engine (the front's uint8 frames or
-the processor's floats), with the image grids and the model's dtype: the encoder is a function
-of those alone, in eval mode, so a hit is the same tensors a new encoding would give. Entries
+The key is the content of the pixel patches as they reach the engine (the front's uint8 frames
+or the processor's floats), with the image grids and the model's dtype: the encoder is a
+function of those alone, in eval mode, so a hit is the same tensors a new encoding would give.
+The content is named by the front's key of the encoded image bytes and pixel budget they were
+decoded from, when the row comes with it (every row the request path makes: decoding is
+deterministic, so the same key means the same pixels), and otherwise by SHA-256 of the patches
+themselves (0.76 ms of the engine for a 448x448 image, 3.6 ms at 1024x1024). Entries
 live on the model's device and are bounded by their bytes; the least recently used go first.
 A hit returns the cached output itself, which nothing downstream writes to (the prefill joins
 row features into new tensors). Thread-safe: images are encoded on many threads.
@@ -30,11 +34,22 @@ from predictor.inputs.input_cache import BoundedCache
 VisionKey = tuple[bytes, bytes, str]
 
 
-def vision_key(pixel_values: torch.Tensor, grids: torch.Tensor, dtype: torch.dtype) -> VisionKey:
-    """SHA-256 of the patches' bytes (read in place from CPU memory), the grids and the dtype."""
-    pixels = pixel_values.detach().cpu().contiguous()
-    digest = hashlib.sha256(memoryview(pixels.view(torch.uint8).numpy())).digest()
-    shape = repr((tuple(pixels.shape), str(pixels.dtype))).encode()
+def vision_key(
+    pixel_values: torch.Tensor,
+    grids: torch.Tensor,
+    dtype: torch.dtype,
+    pixel_key: bytes | None = None,
+) -> VisionKey:
+    """The pixels' digest, the patches' shape and dtype, the grids and the model's dtype. The
+    digest is `pixel_key`, the front's key of what the pixels were decoded from, when the row
+    has one (`predictor.inputs.input_cache.pixel_key`), else SHA-256 of the patches' bytes
+    (read in place from CPU memory)."""
+    if pixel_key is not None:
+        digest = b"from:" + pixel_key  # never equal to a digest of pixels (32 bytes)
+    else:
+        pixels = pixel_values.detach().cpu().contiguous()
+        digest = hashlib.sha256(memoryview(pixels.view(torch.uint8).numpy())).digest()
+    shape = repr((tuple(pixel_values.shape), str(pixel_values.dtype))).encode()
     return digest, shape + grids.cpu().numpy().tobytes(), str(dtype)
 
 

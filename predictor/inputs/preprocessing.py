@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from predictor.inputs.images import ImageLimits, prepare_image
-from predictor.inputs.input_cache import InputCache, ProcessedImage, cache_key
+from predictor.inputs.input_cache import InputCache, ProcessedImage, cache_key, pixel_key
 from predictor.inputs.patches import Patcher
 from predictor.params import PixelBudget
 from predictor.rows import EncodedRow, Row
@@ -80,8 +80,9 @@ class Preprocessor:
     ) -> tuple[ProcessedImage, bool]:
         """Encoded image bytes to the model's input (decoded, checked, resized, patched), and
         whether it came from the input cache (`predictor.inputs.input_cache`)."""
-        key = cache_key(data, budget, self.pixel_dtype) if self.cache.enabled else None
-        if key is not None:
+        # Computed even with the cache off: the engine's vision cache keys on it (`pixel_key`).
+        key = cache_key(data, budget, self.pixel_dtype)
+        if self.cache.enabled:
             cached = self.cache.get(key)
             if cached is not None:
                 return cached, True
@@ -89,8 +90,8 @@ class Preprocessor:
         # uint8 frames the engine normalises (`Patcher.normalise`), or, for an image processor
         # the patcher does not know, the processor's own patches in the engine's dtype.
         patched = self.patcher.frames(image) or self.patcher.patches(image, self.pixel_dtype)
-        processed = ProcessedImage(image.size, patched)
-        if key is not None:
+        processed = ProcessedImage(image.size, patched, key)
+        if self.cache.enabled:
             self.cache.put(key, processed)
         return processed, False
 
@@ -124,12 +125,14 @@ class Preprocessor:
                 self.patcher.normalise(p, grid, self.pixel_dtype) if p.dtype == torch.uint8 else p
                 for p, grid in zip(pixels, grids, strict=True)
             ]
+        keys = [image.key for image in images]
         return EncodedRow(
             {
                 **text,
                 "pixel_values": pixels[0] if len(pixels) == 1 else torch.cat(pixels),
                 "image_grid_thw": grids[0] if len(grids) == 1 else torch.cat(grids),
-            }
+            },
+            pixel_key=None if None in keys else pixel_key([k for k in keys if k is not None]),
         )
 
     def encode(self, row: Row) -> EncodedRow:
