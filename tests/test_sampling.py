@@ -167,3 +167,17 @@ def test_first_max_is_max_exactly_ties_and_nan_included(vocab, dtype) -> None:
     assert torch.equal(values.isnan(), expected.values.isnan())
     finite = ~values.isnan()
     assert torch.equal(values[finite], expected.values[finite])
+
+
+def test_first_max_works_in_and_out_of_inference_mode_whichever_came_first() -> None:
+    """Its float32 buffer outlives the call: one made during a decoding step (inference mode)
+    must still take a copy outside it (tools, tests), and the other way round."""
+    scores = torch.randn(3, 1000).bfloat16()
+    expected = scores.max(dim=-1).indices
+    with torch.inference_mode():
+        assert torch.equal(sampling.first_max(scores)[1], expected)
+    assert torch.equal(sampling.first_max(scores)[1], expected)
+    bigger = torch.randn(5, 1000).bfloat16()  # a new buffer, made outside
+    assert torch.equal(sampling.first_max(bigger)[1], bigger.max(dim=-1).indices)
+    with torch.inference_mode():
+        assert torch.equal(sampling.first_max(scores)[1], expected)

@@ -148,7 +148,11 @@ def _widened(scores: torch.Tensor) -> torch.Tensor:
     it replaced."""
     buffer = getattr(_WIDE, "buffer", None)
     if buffer is None or buffer.numel() < scores.numel():
-        buffer = _WIDE.buffer = torch.empty(scores.numel(), dtype=torch.float32)
+        # A normal tensor, not an inference one: written in and out of inference mode alike
+        # (one made inside it could not be written outside: the steps run inside, tools and
+        # tests call this outside).
+        with torch.inference_mode(False):
+            buffer = _WIDE.buffer = torch.empty(scores.numel(), dtype=torch.float32)
     return buffer[: scores.numel()].view(scores.shape).copy_(scores)
 
 
