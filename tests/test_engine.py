@@ -97,17 +97,22 @@ def assert_poisoned_request_fails_alone(engine: Engine, generator: Generator) ->
     assert after == first
 
 
-def assert_concurrent_requests_get_their_own_text(engine: Engine, generator: Generator) -> None:
-    """Four one-row requests at once each get what they would get alone (then stops)."""
-    rows = make_rows(generator, 4)
+def submit_together(engine: Engine, rows: list[Row]) -> list[list[Completion]]:
+    """Each row as a request of its own, all at once; the engine is stopped afterwards."""
 
     async def scenario():
         return await asyncio.gather(*(engine.submit([row]) for row in rows))
 
     try:
-        results = asyncio.run(scenario())
+        return asyncio.run(scenario())
     finally:
         engine.stop()
+
+
+def assert_concurrent_requests_get_their_own_text(engine: Engine, generator: Generator) -> None:
+    """Four one-row requests at once each get what they would get alone (then stops)."""
+    rows = make_rows(generator, 4)
+    results = submit_together(engine, rows)
     assert [r[0] for r in results] == [describe(generator, [row])[0] for row in rows]
 
 
@@ -267,14 +272,7 @@ def test_rows_of_very_different_prompt_lengths_prefill_apart_and_decode_together
     rows = [large[0], *small, large[1]]
     # Encoded as the front encodes them (their prompt lengths known before the engine).
     encoded = [replace(row, inputs=generator.preprocessor.encode(row)) for row in rows]
-
-    async def scenario():
-        return await asyncio.gather(*(engine.submit([row]) for row in encoded))
-
-    try:
-        together = asyncio.run(scenario())
-    finally:
-        engine.stop()
+    together = submit_together(engine, encoded)
     (batch,) = batches
     assert batch.admissions[:2] == [3, 2] and batch.steps[0] == 5
     assert [c[0] for c in together] == [describe(generator, [row])[0] for row in rows]

@@ -33,8 +33,9 @@ def prefill_groups(
     """`rows` cut into runs of similar prompt length (see the module), shortest run first,
     each run's rows in their order in `rows`. Rows whose length is unknown (None: not yet
     encoded) form one run of their own, last."""
-    known = [(length, index) for index, row in enumerate(rows) if (length := length_of(row))]
-    unknown = [row for row in rows if not length_of(row)]
+    lengths = [length_of(row) for row in rows]
+    known = [(length, index) for index, length in enumerate(lengths) if length]
+    unknown = [row for row, length in zip(rows, lengths, strict=True) if not length]
     groups: list[list[int]] = []
     longest = 0
     for length, index in sorted(known, reverse=True):

@@ -125,14 +125,14 @@ class Preprocessor:
                 self.patcher.normalise(p, grid, self.pixel_dtype) if p.dtype == torch.uint8 else p
                 for p, grid in zip(pixels, grids, strict=True)
             ]
-        keys = [image.key for image in images]
+        keys = [image.key for image in images if image.key is not None]
         return EncodedRow(
             {
                 **text,
                 "pixel_values": pixels[0] if len(pixels) == 1 else torch.cat(pixels),
                 "image_grid_thw": grids[0] if len(grids) == 1 else torch.cat(grids),
             },
-            pixel_key=None if None in keys else pixel_key([k for k in keys if k is not None]),
+            pixel_key=pixel_key(keys) if len(keys) == len(images) else None,
         )
 
     def encode(self, row: Row) -> EncodedRow:
